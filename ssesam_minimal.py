@@ -70,7 +70,7 @@ class Config:
     data_dir: str = _arg("./datasets", "folder holding (or receiving) the CIFAR python files")
     imb_factor: float = _arg(100.0, "imbalance factor IF = n_max / n_min (>= 1; 100, not 0.01)")
     subset_seed: Optional[int] = _arg(None, "shuffle each class with this seed before taking its "
-                                            "first n_i images (LDAM-DRW); default: file order")
+                                            "first n_i images (LDAM-DRW); None: file order")
     # model and loss
     arch: str = _arg("resnet32", "network; resnet34 is the official code's backbone", ARCHS)
     loss: str = _arg("CE", "per-sample loss", LOSSES)
@@ -79,13 +79,14 @@ class Config:
     ldam_max_m: float = _arg(0.5, "LDAM: margin of the rarest class")
     ldam_s: float = _arg(30.0, "LDAM: logit scale s")
     drw_epoch: Optional[int] = _arg(None, "deferred re-weighting (beta 0.9999) from this 0-indexed "
-                                          "epoch on; default: off")
+                                          "epoch on; None: off")
     # optimizer
     opt: str = _arg("ssesam", "optimizer", OPTS)
     rho: float = _arg(0.05, "SAM / ImbSAM: perturbation radius rho")
     head_rho: float = _arg(0.05, "SSE-SAM: rho_head, radius for the head classes until the switch")
     tail_rho: float = _arg(0.10, "SSE-SAM: rho_tail, radius for the tail classes (constant)")
-    gamma: float = _arg(0.70, "SSE-SAM: rho_head = 0 after the first gamma * epochs epochs; 0 <= gamma < 1")
+    gamma: float = _arg(0.70, "SSE-SAM: rho_head = 0 after the first gamma * epochs epochs; "
+                              "0 <= gamma < 1")
     eta: int = _arg(100, "ImbSAM / SSE-SAM: a class is tail iff its training count < eta")
     imbsam_weight: str = _arg("group", "ImbSAM: 'group' divides each group's loss by its size in "
                                        "the batch (official baseline), 'batch' by B", ("group", "batch"))
@@ -181,7 +182,7 @@ def lt_indices(labels: np.ndarray, counts: list, subset_seed: Optional[int] = No
     return np.concatenate(picked)
 
 
-def _read_cifar_files(folder: str, files: list, label_key: str):
+def _read_cifar_files(folder: str, files: list, label_key: str, num_classes: int):
     """Read CIFAR python pickles into uint8 (N, 3, 32, 32) and int64 (N,) tensors."""
     xs, ys = [], []
     for name in files:
@@ -189,10 +190,15 @@ def _read_cifar_files(folder: str, files: list, label_key: str):
         try:
             with open(path, "rb") as f:
                 d = pickle.load(f, encoding="latin1")
-            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[label_key], dtype=np.int64))
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+            x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+        except Exception as e:  # whatever a damaged or foreign file raises, the user gets one line
             raise UsageError(f"{path} is not a readable CIFAR python file ({type(e).__name__})")
+        if len(x) != len(y) or not ((0 <= y) & (y < num_classes)).all():
+            raise UsageError(f"{path} is not a readable CIFAR python file ({len(x)} images, "
+                             f"{len(y)} labels, labels must lie in 0..{num_classes - 1})")
+        xs.append(x)
+        ys.append(y)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
@@ -245,9 +251,12 @@ def load_data(cfg: Config):
     else:
         folder, train, test, key, n_max, num_classes, _, _ = CIFAR[cfg.dataset]
         path = ensure_cifar(cfg.data_dir, cfg.dataset)
-        x, y = _read_cifar_files(path, train, key)
-        xt, yt = _read_cifar_files(path, test, key)
+        x, y = _read_cifar_files(path, train, key, num_classes)
+        xt, yt = _read_cifar_files(path, test, key, num_classes)
     counts = lt_class_counts(n_max, num_classes, cfg.imb_factor)
+    if min(counts) < 1:
+        raise UsageError(f"--imb_factor {cfg.imb_factor:g} leaves class {counts.index(0)} with no "
+                         f"training image ({cfg.dataset} has {n_max} per class: IF <= {n_max})")
     idx = torch.from_numpy(lt_indices(y.numpy(), counts, cfg.subset_seed))
     return x[idx], y[idx], xt, yt, counts, n_max
 

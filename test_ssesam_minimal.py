@@ -5,14 +5,738 @@ real pickle layout, into a temporary folder.
 """
 
 import copy
+import dataclasses
+import json
 import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+import typing
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms
 
 import ssesam_minimal as sm
+
+REPO = os.path.dirname(os.path.abspath(sm.__file__))
+
+# Published constants (LDAM-DRW / SSE-SAM papers and the official code).
+CIFAR100_IF100 = [500, 477, 455, 434, 415, 396, 378, 361, 344, 328, 314, 299, 286, 273, 260, 248,
+                  237, 226, 216, 206, 197, 188, 179, 171, 163, 156, 149, 142, 135, 129, 123, 118,
+                  112, 107, 102, 98, 93, 89, 85, 81, 77, 74, 70, 67, 64, 61, 58, 56, 53, 51, 48, 46,
+                  44, 42, 40, 38, 36, 35, 33, 32, 30, 29, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18,
+                  17, 16, 15, 15, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 7, 6, 6, 6,
+                  6, 5, 5, 5, 5]
+CIFAR10_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+OFFICIAL_MEAN = (0.4914, 0.4822, 0.4465)
+OFFICIAL_STD = (0.2023, 0.1994, 0.2010)
+
+
+# =============================================================================================
+# Fixtures and helpers
+# =============================================================================================
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every download attempt fails at once, as on a machine without network; calls are recorded."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise OSError("no network")
+
+    monkeypatch.setattr(sm.torchvision.datasets.utils, "download_and_extract_archive", refuse)
+    return calls
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Train with one intra-op thread. ResNet-8 on 32 x 32 images gains little from a second
+    thread, and on a busy 2-core machine two OpenMP threads were measured ~10x slower than one
+    (11.5 s against 1.2 s for the same 1-epoch run). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_pickle(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def random_rows(rng, n):
+    """n CIFAR rows: uint8 (n, 3072), 1024 red, then green, then blue values, each row-major 32x32."""
+    return rng.randint(0, 256, size=(n, 3072)).astype(np.uint8)
+
+
+def write_cifar100(root, train_data, train_labels, test_data, test_labels):
+    """cifar-100-python/{train,test,meta} in the layout of the official archive."""
+    folder = os.path.join(root, "cifar-100-python")
+    for name, data, labels in (("train", train_data, train_labels), ("test", test_data, test_labels)):
+        write_pickle(os.path.join(folder, name), {
+            "filenames": [f"img_{i}.png" for i in range(len(labels))],
+            "batch_label": f"{name}ing batch 1 of 1",
+            "fine_labels": [int(v) for v in labels],
+            "coarse_labels": [int(v) // 5 for v in labels],
+            "data": data,
+        })
+    write_pickle(os.path.join(folder, "meta"), {
+        "fine_label_names": [f"fine{i}" for i in range(100)],
+        "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+    return folder
+
+
+def write_cifar10(root, train_data, train_labels, test_data, test_labels):
+    """cifar-10-batches-py/data_batch_1..5, test_batch and batches.meta."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    parts = np.array_split(np.arange(len(train_labels)), 5)
+    for k, part in enumerate(parts, start=1):
+        write_pickle(os.path.join(folder, f"data_batch_{k}"), {
+            "batch_label": f"training batch {k} of 5", "labels": [int(v) for v in train_labels[part]],
+            "data": train_data[part], "filenames": [f"img_{i}.png" for i in part]})
+    write_pickle(os.path.join(folder, "test_batch"), {
+        "batch_label": "testing batch 1 of 1", "labels": [int(v) for v in test_labels],
+        "data": test_data, "filenames": [f"t_{i}.png" for i in range(len(test_labels))]})
+    write_pickle(os.path.join(folder, "batches.meta"),
+                 {"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": 10000,
+                  "num_vis": 3072})
+    return folder
+
+
+def first_n_per_class(labels, counts):
+    """Reference subset: the first counts[c] indices of each class c in file order, class by class."""
+    out = []
+    for c, n in enumerate(counts):
+        taken = []
+        for i, label in enumerate(labels):
+            if label == c and len(taken) < n:
+                taken.append(i)
+        out.extend(taken)
+    return np.array(out, dtype=np.int64)
+
+
+def ldam_subset(labels, counts, seed):
+    """LDAM-DRW's IMBALANCECIFAR: np.random.seed(s); per class: where, shuffle, take the first n."""
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        out = []
+        for c, n in enumerate(counts):
+            idx = np.where(labels == c)[0]
+            np.random.shuffle(idx)
+            out.append(idx[:n])
+        return np.concatenate(out)
+    finally:
+        np.random.set_state(state)
+
+
+def expect_usage_exit(argv, capsys):
+    """main(argv) must exit with code 2 and print exactly one non-empty line, no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        sm.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), f"expected one stderr line, got {err!r}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# =============================================================================================
+# 1. Long-tailed class counts
+# =============================================================================================
+
+def exact_floor_counts(n_max, num_classes, imb_factor):
+    """floor(n_max / IF^(i/(C-1))) in exact integer arithmetic: the largest n with
+    n^(C-1) * IF^i <= n_max^(C-1), found by bisection (no floating point at all)."""
+    C, IF = num_classes, Fraction(imb_factor)
+    out = []
+    for i in range(C):
+        bound = Fraction(n_max) ** (C - 1)
+        lo, hi = 0, n_max                       # invariant: lo satisfies, hi + 1 does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if Fraction(mid) ** (C - 1) * IF ** i <= bound:
+                lo = mid
+            else:
+                hi = mid - 1
+        out.append(lo)
+    return out
+
+
+def test_lt_class_counts_cifar100_if100_is_the_published_list_totalling_10847():
+    counts = sm.lt_class_counts(500, 100, 100)
+    assert counts == CIFAR100_IF100
+    assert sum(counts) == 10847
+
+
+def test_lt_class_counts_cifar10_if100_is_the_published_list_totalling_12406():
+    counts = sm.lt_class_counts(5000, 10, 100)
+    assert counts == CIFAR10_IF100
+    assert sum(counts) == 12406
+
+
+@pytest.mark.parametrize("n_max,num_classes", [(5000, 10), (500, 100)])
+@pytest.mark.parametrize("imb_factor", [1, 10, 50, 100, 200])
+def test_lt_class_counts_equal_exact_floor_and_ldam_reciprocal_convention(n_max, num_classes, imb_factor):
+    got = sm.lt_class_counts(n_max, num_classes, imb_factor)
+    exact = exact_floor_counts(n_max, num_classes, imb_factor)
+    ldam = [int(n_max * (1 / imb_factor) ** (i / (num_classes - 1))) for i in range(num_classes)]
+    assert got == exact
+    assert got == ldam
+    assert got[0] == n_max and got[-1] == math.floor(n_max / imb_factor)
+
+
+def test_lt_class_counts_accepts_float_imb_factor_from_the_cli():
+    # the CLI parses --imb_factor as float: 100.0 must give the same list as 100
+    assert sm.lt_class_counts(500, 100, 100.0) == CIFAR100_IF100
+
+
+# =============================================================================================
+# 2. Long-tailed subsets
+# =============================================================================================
+
+@pytest.fixture
+def pool_labels():
+    """500 labels, 50 per class, shuffled like CIFAR's file order."""
+    return np.random.RandomState(0).permutation(np.repeat(np.arange(10), 50))
+
+
+def test_lt_indices_default_takes_first_n_of_each_class_in_file_order(pool_labels):
+    counts = sm.lt_class_counts(50, 10, 10)
+    got = sm.lt_indices(pool_labels, counts)
+    np.testing.assert_array_equal(got, first_n_per_class(list(pool_labels), counts))
+
+
+def test_lt_indices_subset_seed_keeps_the_class_counts(pool_labels):
+    counts = sm.lt_class_counts(50, 10, 10)
+    got = sm.lt_indices(pool_labels, counts, subset_seed=3)
+    assert len(np.unique(got)) == len(got) == sum(counts)
+    assert np.bincount(pool_labels[got], minlength=10).tolist() == counts
+
+
+def test_lt_indices_subset_seed_is_deterministic_and_differs_from_file_order(pool_labels):
+    counts = sm.lt_class_counts(50, 10, 10)
+    a = sm.lt_indices(pool_labels, counts, subset_seed=3)
+    b = sm.lt_indices(pool_labels, counts, subset_seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, sm.lt_indices(pool_labels, counts))
+    assert not np.array_equal(a, sm.lt_indices(pool_labels, counts, subset_seed=4))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 9826])
+def test_lt_indices_subset_seed_equals_ldam_drw_selection(pool_labels, seed):
+    counts = sm.lt_class_counts(50, 10, 10)
+    np.testing.assert_array_equal(sm.lt_indices(pool_labels, counts, subset_seed=seed),
+                                  ldam_subset(pool_labels, counts, seed))
+
+
+def test_lt_indices_does_not_touch_the_global_numpy_rng(pool_labels):
+    state = np.random.get_state()
+    try:
+        np.random.seed(123)
+        expected = np.random.rand()
+        np.random.seed(123)
+        sm.lt_indices(pool_labels, sm.lt_class_counts(50, 10, 10), subset_seed=5)
+        assert np.random.rand() == expected
+    finally:
+        np.random.set_state(state)
+
+
+def test_lt_indices_short_class_raises_usage_error_naming_the_class(pool_labels):
+    labels = pool_labels.copy()
+    labels[np.flatnonzero(labels == 3)[:20]] = 0          # class 3 keeps 30 of 50
+    counts = [40] * 10
+    with pytest.raises(sm.UsageError, match=r"\bclass 3\b.*\b30\b.*\b40\b"):
+        sm.lt_indices(labels, counts)
+    with pytest.raises(sm.UsageError, match=r"\bclass 3\b"):
+        sm.lt_indices(labels, counts, subset_seed=0)
+
+
+# =============================================================================================
+# 3. Reading CIFAR pickles
+# =============================================================================================
+
+@pytest.fixture(scope="module")
+def cifar10_pool(tmp_path_factory):
+    """A CIFAR-10 folder whose train pool holds, per class, IF-5000 count + 3 images, interleaved."""
+    rng = np.random.RandomState(10)
+    imb = 5000.0
+    counts = sm.lt_class_counts(5000, 10, imb)           # 5000, 1940, ..., 1 (8168 images)
+    labels = rng.permutation(np.repeat(np.arange(10), [n + 3 for n in counts]))
+    data = random_rows(rng, len(labels))
+    test_labels = np.tile(np.arange(10), 5)
+    test_data = random_rows(rng, len(test_labels))
+    root = str(tmp_path_factory.mktemp("c10"))
+    write_cifar10(root, data, labels, test_data, test_labels)
+    return dict(root=root, imb=imb, labels=labels, data=data, test_labels=test_labels,
+                test_data=test_data)
+
+
+def test_load_data_cifar10_returns_the_written_pixels_labels_and_counts(cifar10_pool):
+    p = cifar10_pool
+    cfg = sm.Config(dataset="cifar10", data_dir=p["root"], imb_factor=p["imb"])
+    x, y, xt, yt, counts, n_max = sm.load_data(cfg)
+    assert n_max == 5000
+    assert counts == sm.lt_class_counts(5000, 10, p["imb"])
+    idx = first_n_per_class(list(p["labels"]), counts)
+    assert x.dtype == torch.uint8 and x.shape == (sum(counts), 3, 32, 32)
+    assert y.dtype == torch.int64
+    assert torch.equal(y, torch.from_numpy(p["labels"][idx]))
+    assert torch.bincount(y, minlength=10).tolist() == counts
+    # pixel-exact, and in CIFAR's layout: channel plane of 1024, then row-major 32 x 32
+    for k in range(0, len(idx), 997):
+        row = p["data"][idx[k]]
+        for ch, r, col in ((0, 0, 0), (1, 5, 31), (2, 31, 7), (0, 17, 3)):
+            assert x[k, ch, r, col].item() == row[ch * 1024 + r * 32 + col]
+    assert torch.equal(x, torch.from_numpy(p["data"][idx].reshape(-1, 3, 32, 32)))
+    assert torch.equal(xt, torch.from_numpy(p["test_data"].reshape(-1, 3, 32, 32)))
+    assert torch.equal(yt, torch.from_numpy(p["test_labels"]))
+
+
+def test_load_data_cifar10_subset_seed_picks_the_ldam_drw_subset(cifar10_pool):
+    p = cifar10_pool
+    cfg = sm.Config(dataset="cifar10", data_dir=p["root"], imb_factor=p["imb"], subset_seed=7)
+    x, y, *_ = sm.load_data(cfg)
+    idx = ldam_subset(p["labels"], sm.lt_class_counts(5000, 10, p["imb"]), 7)
+    assert torch.equal(x, torch.from_numpy(p["data"][idx].reshape(-1, 3, 32, 32)))
+    assert torch.equal(y, torch.from_numpy(p["labels"][idx]))
+
+
+def test_load_data_existing_files_never_try_to_download(cifar10_pool, no_network):
+    sm.load_data(sm.Config(dataset="cifar10", data_dir=cifar10_pool["root"],
+                           imb_factor=cifar10_pool["imb"]))
+    assert no_network == []
+
+
+@pytest.fixture(scope="module")
+def cifar100_lt(tmp_path_factory):
+    """A pre-made long-tailed CIFAR-100: the train file holds exactly the IF-100 counts (10,847)."""
+    rng = np.random.RandomState(100)
+    labels = rng.permutation(np.repeat(np.arange(100), CIFAR100_IF100))
+    data = random_rows(rng, len(labels))
+    test_labels = np.tile(np.arange(100), 2)
+    test_data = random_rows(rng, len(test_labels))
+    root = str(tmp_path_factory.mktemp("c100"))
+    write_cifar100(root, data, labels, test_data, test_labels)
+    return dict(root=root, labels=labels, data=data, test_labels=test_labels, test_data=test_data)
+
+
+def test_load_data_cifar100_already_long_tailed_train_file_loads_every_image(cifar100_lt):
+    p = cifar100_lt
+    x, y, xt, yt, counts, n_max = sm.load_data(sm.Config(dataset="cifar100", data_dir=p["root"],
+                                                         imb_factor=100))
+    assert n_max == 500 and counts == CIFAR100_IF100
+    # every image is used once, grouped by class, in file order within each class
+    idx = np.concatenate([np.flatnonzero(p["labels"] == c) for c in range(100)])
+    assert sorted(idx.tolist()) == list(range(10847))
+    assert torch.equal(x, torch.from_numpy(p["data"][idx].reshape(-1, 3, 32, 32)))
+    assert torch.equal(y, torch.from_numpy(p["labels"][idx]))
+    assert torch.equal(xt, torch.from_numpy(p["test_data"].reshape(-1, 3, 32, 32)))
+    assert torch.equal(yt, torch.from_numpy(p["test_labels"]))
+
+
+@pytest.fixture
+def cifar100_short_class3(tmp_path):
+    """CIFAR-100 whose classes 0-2 hold their IF-100 counts and class 3 one image too few."""
+    rng = np.random.RandomState(3)
+    per_class = CIFAR100_IF100[:3] + [CIFAR100_IF100[3] - 1]
+    labels = rng.permutation(np.repeat(np.arange(4), per_class))
+    test_labels = np.arange(100)
+    root = str(tmp_path / "data")
+    write_cifar100(root, random_rows(rng, len(labels)), labels, random_rows(rng, 100), test_labels)
+    return root
+
+
+def test_main_exits_2_naming_a_class_with_too_few_training_images(cifar100_short_class3, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = expect_usage_exit(["--dataset", "cifar100", "--data_dir", cifar100_short_class3,
+                              "--arch", "resnet8", "--epochs", "1", "--out", str(out)], capsys)
+    n = CIFAR100_IF100[3]
+    assert re.search(rf"\bclass 3\b.*\b{n - 1}\b.*\b{n}\b", line), line
+    assert not out.exists()
+
+
+def _valid_c100_dict(n_images):
+    rng = np.random.RandomState(0)
+    return {"data": random_rows(rng, n_images), "fine_labels": [i % 100 for i in range(n_images)],
+            "coarse_labels": [0] * n_images, "filenames": ["x"] * n_images, "batch_label": "b"}
+
+
+CORRUPT_TRAIN = {
+    "garbage_bytes": lambda: b"this is not a pickle file at all\n" * 10,
+    "empty_file": lambda: b"",
+    "truncated": lambda: pickle.dumps(_valid_c100_dict(200), protocol=2)[:5000],
+    "not_a_dict": lambda: pickle.dumps([1, 2, 3], protocol=2),
+    "no_label_key": lambda: pickle.dumps({"data": _valid_c100_dict(10)["data"]}, protocol=2),
+    "rows_not_3072": lambda: pickle.dumps({"data": np.zeros((10, 3000), np.uint8),
+                                           "fine_labels": list(range(10))}, protocol=2),
+    # a pickle naming a class that does not exist here (ModuleNotFoundError when loaded)
+    "unknown_module": lambda: b"cno_such_module_for_ssesam_tests\nThing\n.",
+    # 10 images but the labels of a full IF-500 long-tailed set: lengths disagree
+    "labels_longer_than_data": lambda: pickle.dumps({
+        "data": np.zeros((10, 3072), np.uint8),
+        "fine_labels": [int(v) for v in np.repeat(np.arange(100), sm.lt_class_counts(500, 100, 500))]},
+        protocol=2),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPT_TRAIN))
+def test_main_exits_2_with_one_line_on_a_corrupt_train_pickle(kind, tmp_path, capsys):
+    root = tmp_path / "data"
+    valid = _valid_c100_dict(100)
+    write_cifar100(str(root), valid["data"], valid["fine_labels"], valid["data"], valid["fine_labels"])
+    train = root / "cifar-100-python" / "train"
+    train.write_bytes(CORRUPT_TRAIN[kind]())
+    out = tmp_path / "out"
+    line = expect_usage_exit(["--dataset", "cifar100", "--data_dir", str(root), "--arch", "resnet8",
+                              "--epochs", "1", "--imb_factor", "500", "--out", str(out)], capsys)
+    assert "train" in line
+    assert not out.exists()
+
+
+# =============================================================================================
+# 4. Augmentation
+# =============================================================================================
+
+def reference_crop(x, dy, dx, flip):
+    """RandomCrop(32, padding=4) at a fixed offset, then an optional mirror: pad, slice, flip."""
+    c = F.pad(x, (4, 4, 4, 4))[..., dy:dy + 32, dx:dx + 32]
+    return c.flip(-1) if flip else c
+
+
+def test_crop_flip_matches_pad_slice_flip_for_all_162_offset_flip_combinations():
+    g = torch.Generator().manual_seed(0)
+    combos = [(dy, dx, fl) for dy in range(9) for dx in range(9) for fl in (False, True)]
+    x = torch.randint(0, 256, (len(combos), 3, 32, 32), generator=g, dtype=torch.uint8)
+    dy = torch.tensor([c[0] for c in combos])
+    dx = torch.tensor([c[1] for c in combos])
+    flip = torch.tensor([c[2] for c in combos])
+    got = sm.crop_flip(F.pad(x, (4,) * 4), dy, dx, flip)
+    assert got.shape == x.shape and got.dtype == torch.uint8
+    for n, (a, b, fl) in enumerate(combos):
+        assert torch.equal(got[n], reference_crop(x[n], a, b, fl)), (a, b, fl)
+    # offset (4, 4) without flip is the image itself
+    centre = [n for n, c in enumerate(combos) if c == (4, 4, False)][0]
+    assert torch.equal(got[centre], x[centre])
+
+
+def _all_crops(img):
+    """{bytes of a crop: (dy, dx, flip)} for every crop of one image at every offset, both mirrors."""
+    return {reference_crop(img, dy, dx, fl).numpy().tobytes(): (dy, dx, fl)
+            for dy in range(9) for dx in range(9) for fl in (False, True)}
+
+
+def test_random_crop_flip_output_is_always_one_of_the_162_crops_of_its_own_image():
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    crops = [_all_crops(x[n]) for n in range(4)]
+    assert all(len(c) == 162 for c in crops)              # random pixels: the crops are distinct
+    for _ in range(25):
+        out = sm.random_crop_flip(F.pad(x, (4,) * 4))
+        assert out.shape == x.shape and out.dtype == torch.uint8
+        for n in range(4):
+            assert out[n].numpy().tobytes() in crops[n]
+
+
+def test_random_crop_flip_reaches_every_offset_and_both_flips():
+    torch.manual_seed(2)
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    crops = _all_crops(img)
+    assert len(crops) == 162
+    out = sm.random_crop_flip(F.pad(img, (4,) * 4).expand(3000, -1, -1, -1).contiguous())
+    seen = [crops.get(o.numpy().tobytes()) for o in out]
+    assert None not in seen                                # each draw is one of the crops
+    assert set(seen) == set(crops.values())                # and every crop is drawn
+
+
+# =============================================================================================
+# 5. Normalisation
+# =============================================================================================
+
+def test_normalize_equals_torchvision_totensor_then_normalize_with_official_constants():
+    assert tuple(sm.MEAN) == OFFICIAL_MEAN and tuple(sm.STD) == OFFICIAL_STD
+    T = torchvision.transforms
+    tf = T.Compose([T.ToTensor(), T.Normalize(OFFICIAL_MEAN, OFFICIAL_STD)])
+    rng = np.random.RandomState(5)
+    hwc = rng.randint(0, 256, size=(5, 32, 32, 3)).astype(np.uint8)
+    hwc[0] = 0
+    hwc[1] = 255
+    expected = torch.stack([tf(im) for im in hwc])
+    got = sm.normalize(torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+# =============================================================================================
+# 6. CLI: --help, parsing, bad input
+# =============================================================================================
+
+def _base_type(t):
+    """Optional[X] -> X."""
+    if typing.get_origin(t) is typing.Union:
+        return next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+def test_help_lists_every_config_field_as_a_flag_with_its_default(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as exc:
+        sm.main(["--help"])
+    assert exc.value.code in (0, None)
+    text = capsys.readouterr().out
+    m = re.search(r"^(options|optional arguments):$", text, re.M)
+    assert m, text
+    body = " ".join(text[m.end():].split())              # the option list, whitespace-normalised
+    fields = dataclasses.fields(sm.Config)
+    starts, pos = [], 0
+    for f in fields:                                     # options appear in Config's order
+        k = body.find(f"--{f.name} ", pos)
+        assert k >= 0, f"--{f.name} missing from --help"
+        starts.append(k)
+        pos = k + 1
+    for f, a, b in zip(fields, starts, starts[1:] + [len(body)]):
+        entry = body[a:b]
+        assert f"(default: {f.default})" in entry, (f.name, entry)
+        if f.metadata["choices"]:
+            assert "{" + ",".join(f.metadata["choices"]) + "}" in entry, (f.name, entry)
+
+
+def test_parser_without_arguments_gives_the_config_defaults():
+    assert sm.Config(**vars(sm.build_parser().parse_args([]))) == sm.Config()
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(sm.Config)])
+def test_every_config_flag_parses_a_value_of_its_type(field, tmp_path):
+    f = {f.name: f for f in dataclasses.fields(sm.Config)}[field]
+    typ = _base_type(f.type)
+    if f.metadata["choices"]:
+        text = value = f.metadata["choices"][-1]
+    elif typ is int:
+        text, value = "7", 7
+    elif typ is float:
+        text, value = "0.25", 0.25
+    else:
+        assert typ is str
+        text = value = str(tmp_path / "somewhere")
+    ns = sm.build_parser().parse_args([f"--{field}", text])
+    assert getattr(ns, field) == value and type(getattr(ns, field)) is type(value)
+
+
+BAD_INPUTS = [
+    # (argv tail, flag the message must name, extra text it must contain)
+    (["--imb_factor", "0.01"], "--imb_factor", "100"),
+    (["--imb_factor", "0.5"], "--imb_factor", "0.5"),
+    (["--gamma", "1.0"], "--gamma", None),
+    (["--gamma", "-0.1"], "--gamma", None),
+    (["--rho", "-1"], "--rho", None),
+    (["--head_rho", "-0.1"], "--head_rho", None),
+    (["--tail_rho", "-0.1"], "--tail_rho", None),
+    (["--eta", "0"], "--eta", None),
+    (["--epochs", "0"], "--epochs", None),
+    (["--batch_size", "0"], "--batch_size", None),
+    (["--opt", "adam"], "--opt", "adam"),
+    (["--loss", "foo"], "--loss", "foo"),
+    (["--dataset", "mnist"], "--dataset", "mnist"),
+    (["--arch", "resnet99"], "--arch", "resnet99"),
+    (["--epochs", "two"], "--epochs", "two"),
+    (["--imb_factor", "1000"], "--imb_factor", "no training image"),  # synthetic: 200 per class
+    (["--device", "tpu"], "--device", "tpu"),
+]
+
+
+@pytest.mark.parametrize("tail,flag,extra", BAD_INPUTS, ids=[" ".join(b[0]) for b in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_naming_the_flag_and_writes_nothing(tail, flag, extra,
+                                                                            tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "1",
+            "--data_dir", str(tmp_path / "data"), "--out", str(out)] + tail
+    line = expect_usage_exit(argv, capsys)
+    assert flag in line, line
+    if extra is not None:
+        assert extra in line, line
+    assert not out.exists()
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("dataset,folder,archive", [
+    ("cifar100", "cifar-100-python", "cifar-100-python.tar.gz"),
+    ("cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz")])
+def test_missing_cifar_without_network_exits_2_naming_folder_and_archive(
+        dataset, folder, archive, tmp_path, capsys, no_network):
+    data, out = tmp_path / "data", tmp_path / "out"
+    line = expect_usage_exit(["--dataset", dataset, "--data_dir", str(data), "--arch", "resnet8",
+                              "--epochs", "1", "--out", str(out)], capsys)
+    assert len(no_network) == 1                       # it did try (and fail) to download
+    assert str(data) in line and archive in line and folder in line, line
+    assert not out.exists()
+    assert not data.exists()                          # the data folder it would have made is gone
+
+
+def test_out_that_is_an_existing_file_exits_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    line = expect_usage_exit(["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "1",
+                              "--out", str(out)], capsys)
+    assert "--out" in line
+    assert out.read_text() == "not a folder"
+
+
+NO_NET_ENV = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+              "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+              "no_proxy": "", "NO_PROXY": "", "all_proxy": "", "ALL_PROXY": ""}
+
+
+SUBPROCESS_CASES = {  # id: (argv tail, text the one stderr line must contain)
+    "imb_factor-0.01": (["--dataset", "synthetic", "--imb_factor", "0.01"], "100"),
+    "opt-adam": (["--dataset", "synthetic", "--opt", "adam"], "--opt"),
+    "missing-cifar100": (["--dataset", "cifar100"], "cifar-100-python.tar.gz"),  # download refused
+}
+
+
+@pytest.fixture(scope="module")
+def cli_subprocesses(tmp_path_factory):
+    """Run every SUBPROCESS_CASES command line as `python ssesam_minimal.py ...`, all at once (each
+    spends ~3 s importing torch). A download, if tried, goes to a proxy on a closed local port and
+    is refused at once: nothing leaves the machine."""
+    env = dict(os.environ, **NO_NET_ENV)
+    procs = {}
+    for key, (tail, _) in SUBPROCESS_CASES.items():
+        base = tmp_path_factory.mktemp(key)
+        data, out = base / "data", base / "out"
+        argv = [sys.executable, "ssesam_minimal.py", "--arch", "resnet8", "--epochs", "1",
+                "--data_dir", str(data), "--out", str(out)] + tail
+        procs[key] = (subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True), data, out)
+    results = {}
+    for key, (p, data, out) in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        results[key] = (p.returncode, stdout, stderr, data, out)
+    return results
+
+
+@pytest.mark.parametrize("key", list(SUBPROCESS_CASES))
+def test_cli_subprocess_bad_input_exits_2_with_one_line_and_no_traceback(key, cli_subprocesses):
+    returncode, stdout, stderr, data, out = cli_subprocesses[key]
+    assert returncode == 2, stderr
+    assert "Traceback" not in stderr and stdout == ""
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and SUBPROCESS_CASES[key][1] in lines[0], stderr
+    assert not out.exists() and not data.exists()
+
+
+# =============================================================================================
+# 7. --gpu without CUDA
+# =============================================================================================
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_flag_without_cuda_runs_on_cpu_with_one_warning_line(capsys):
+    summary = sm.main(["--gpu", "0", "--dataset", "synthetic", "--arch", "resnet8", "--epochs", "1",
+                       "--opt", "sgd", "--imb_factor", "100"])
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert "warning" in lines[0].lower() and "--gpu 0" in lines[0] and "CPU" in lines[0]
+    assert summary["device"] == "cpu"
+    assert summary["config"]["gpu"] == 0
+
+
+# =============================================================================================
+# 8. A short synthetic run and its outputs
+# =============================================================================================
+
+RUN_ARGS = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--imb_factor", "10",
+            "--eta", "50", "--lr", "0.1", "--batch_size", "32"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    summary = sm.main(RUN_ARGS + ["--out", str(out)])
+    return summary, out
+
+
+def test_two_epoch_synthetic_ssesam_run_beats_chance_clearly(synthetic_run):
+    summary, _ = synthetic_run
+    assert summary["config"]["opt"] == "ssesam"            # the default optimizer
+    assert summary["final"]["epoch"] == 2
+    assert summary["final"]["avg"] > 20.0, summary["final"]  # chance: 10 % mean per-class accuracy
+
+
+def test_run_writes_one_metrics_line_per_evaluated_epoch(synthetic_run):
+    summary, out = synthetic_run
+    with open(out / "metrics.jsonl") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    assert [r["epoch"] for r in rows] == [1, 2]              # print_freq 1: every epoch
+    for r in rows:
+        for k in ("avg", "many", "med", "few", "loss", "lr"):
+            assert k in r
+    assert rows[-1]["avg"] == summary["final"]["avg"]
+    assert max(r["avg"] for r in rows) == summary["best"]["avg"]
+
+
+def test_summary_json_has_the_documented_keys_and_equals_the_returned_dict(synthetic_run):
+    summary, out = synthetic_run
+    with open(out / "summary.json") as fh:
+        saved = json.load(fh)
+    for k in ("config", "final", "best", "device", "seconds"):
+        assert k in saved
+    for part in ("final", "best"):
+        for k in ("avg", "many", "med", "few"):
+            assert k in saved[part]
+    assert saved == summary
+    expected_cfg = dataclasses.asdict(sm.Config(**vars(sm.build_parser().parse_args(
+        RUN_ARGS + ["--out", str(out)]))))
+    assert saved["config"] == expected_cfg
+
+
+def test_model_pt_loads_into_resnet8_and_reproduces_the_final_accuracy(synthetic_run):
+    summary, out = synthetic_run
+    model = sm.build_model("resnet8", 10)
+    model.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
+    (x, y), (xt, yt), n_max = sm.synthetic_cifar()
+    counts = sm.lt_class_counts(n_max, 10, 10)
+    acc = sm.evaluate(model, xt, yt, counts, n_max)
+    assert acc["avg"] == pytest.approx(summary["final"]["avg"], abs=1e-6)
+
+
+def test_loss_va_is_accepted_and_trains_exactly_like_la(tmp_path):
+    # 2 epochs: with --epochs 1 the only epoch runs at lr 0 and every loss would look the same
+    args = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--opt", "sgd",
+            "--imb_factor", "100", "--lr", "0.1"]
+    runs = {}
+    for loss in ("VA", "LA"):
+        summary = sm.main(args + ["--loss", loss, "--out", str(tmp_path / loss)])
+        with open(tmp_path / loss / "metrics.jsonl") as fh:
+            runs[loss] = summary, [json.loads(line) for line in fh]
+    assert runs["VA"][0]["config"]["loss"] == "VA"
+    assert runs["VA"][1][0]["lr"] > 0                        # epoch 1 really trained
+    for k in ("loss", "train_acc", "avg", "many", "med", "few"):  # identical, epoch by epoch
+        assert [r[k] for r in runs["VA"][1]] == [r[k] for r in runs["LA"][1]]
+    assert runs["VA"][0]["final"] == runs["LA"][0]["final"]
+    counts = sm.lt_class_counts(200, 10, 100)
+    a, b = sm.LongTailLoss("VA", counts), sm.LongTailLoss("LA", counts)
+    assert a.name == "LA"
+    for buf in ("scale", "shift", "margin", "weight"):
+        assert torch.equal(getattr(a, buf), getattr(b, buf))
+    # and LA is not plain CE: its additive shift is tau * log(pi) (so the comparison can fail)
+    n = torch.tensor(counts, dtype=torch.float32)
+    torch.testing.assert_close(a.shift, 0.75 * torch.log(n / n.sum()))
+    assert a.shift.abs().min() > 0
+
+
+# =============================================================================================
+# Model, losses, optimizers
+# =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -564,3 +1288,30 @@ def test_flip_tta_averages_the_logits_of_image_and_mirror():
     r = sm.evaluate(LeftRight(), x, y, [10, 10], 10)
     assert r["avg"] == 100.0      # plain: all three right
     assert r["avg_tta"] == 50.0   # TTA: class 0 images become class 1 (0 %), class 1 stays (100 %)
+
+
+def test_seed_snippet_runs_verbatim_after_importing_from_ssesam_minimal():
+    model = tiny_model()
+    x, y = batch()
+    w0 = flat(model).clone()
+    scope = {"torch": torch, "optim_mode": "ssesam", "targets": y, "images": x, "model": model,
+             "tail_classes": TAIL_CLASSES, "lossFunc": nn.CrossEntropyLoss(reduction="none")}
+    exec("from ssesam_minimal import SSESAM\n"
+         "optimizer = SSESAM(torch.optim.SGD(model.parameters(), lr=0.1), model, head_rho=0.05, "
+         "tail_rho=0.1, gamma=0.7, total_epochs=10)\n" + SEED_SNIPPET, scope)
+    assert torch.isfinite(scope["loss"]) and not torch.equal(flat(model), w0)
+    scope["optimizer"].update_rho()
+
+
+@pytest.mark.parametrize("argv,needle", [(["--gpu", "3"], "--gpu 3"), (["--device", "cuda:5"], "cuda:5")])
+def test_a_gpu_that_does_not_exist_exits_2(argv, needle, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pretend: one GPU, index 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    line = expect_usage_exit(["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "1"] + argv, capsys)
+    assert needle in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_exits_2(capsys):
+    line = expect_usage_exit(["--dataset", "synthetic", "--device", "cuda"], capsys)
+    assert "--device cuda" in line
