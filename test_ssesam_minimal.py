@@ -1265,7 +1265,9 @@ def test_evaluate_reports_mean_per_class_accuracy_and_groups():
     x[:, 0, 0, 0] = x[:, 0, 0, 31] = torch.arange(len(y), dtype=torch.uint8)
     per_class = [100 * sum(p == c for p, t in zip(preds, y.tolist()) if t == c) / int((y == c).sum())
                  for c in range(4)]  # 50, 100, 50, 50
-    r = sm.evaluate(PredictById(preds, 4), x, y, counts, 300, batch_size=3)
+    model = PredictById(preds, 4).eval()
+    r = sm.evaluate(model, x, y, counts, 300, batch_size=3)
+    assert not model.training  # evaluate leaves the mode as it found it
     for suffix in ("", "_tta"):  # the id survives mirroring, so flip-TTA changes nothing here
         assert abs(r["avg" + suffix] - sum(per_class) / 4) < 1e-9
         assert abs(r["many" + suffix] - (per_class[0] + per_class[1]) / 2) < 1e-9
