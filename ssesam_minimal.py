@@ -17,8 +17,8 @@ Run:
     python ssesam_minimal.py --dataset synthetic --arch resnet8 --epochs 2   # CPU smoke run
     from ssesam_minimal import SSESAM                                           # the official API
 
-Measured (NVIDIA H200, torch 2.11, seed command on CIFAR-100-LT): ResNet-32 SSE-SAM epochs take about
-9 s before the switch and 7 s after it, test evaluation included. The accuracy table has not been
+Measured (NVIDIA H200, torch 2.11, seed command on CIFAR-100-LT): a ResNet-32 SSE-SAM epoch takes
+9-12 s before the switch and about 7 s after it (launch-bound). The accuracy table has not been
 reproduced with this file yet. README.md has the numbers, the test command and the flags.
 Deliberate differences from the official code (each explained in README.md):
   * one forward at w feeds both the head and the tail gradient, and the head's perturbed pass is
