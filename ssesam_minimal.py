@@ -810,10 +810,11 @@ def train(cfg: Config, data, device, log=print):
     x_pad = F.pad(x, (PAD,) * 4).to(device)   # (N, 3, 40, 40) uint8, zero padding as RandomCrop's
     y, x_test, y_test = y.to(device), x_test.to(device), y_test.to(device)
     N, B = len(y), cfg.batch_size
+    n_params = sum(p.numel() for p in model.parameters())
     history, best, t_start = [], None, time.time()
     log(f"{cfg.dataset} IF {cfg.imb_factor:g}: {N} train images, {len(counts)} classes, "
         f"{int(is_tail.sum())} tail (n < {cfg.eta}); {cfg.arch} "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params; {cfg.opt} + {cfg.loss}; "
+        f"{n_params / 1e6:.2f} M params; {cfg.opt} + {cfg.loss}; "
         f"device {device}")
     for epoch in range(cfg.epochs):
         t0 = time.time()
@@ -867,7 +868,7 @@ def train(cfg: Config, data, device, log=print):
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": n_params,
         "seconds": time.time() - t_start,
         "history": history,
     }
