@@ -754,10 +754,10 @@ def evaluate(model, x_test, y_test, counts, n_max, batch_size=1000, amp=False):
             hits[j].index_add_(0, y, (logits.argmax(1) == y).float())
     per_class = hits.cpu().double() / torch.bincount(y_test.cpu(), minlength=C).clamp(min=1) * 100
     model.train(was_training)
-    out = {}
+    groups, out = shot_groups(counts, n_max), {}
     for j, suffix in enumerate(("", "_tta")):
         out["avg" + suffix] = per_class[j].mean().item()
-        for name, mask in shot_groups(counts, n_max).items():
+        for name, mask in groups.items():
             out[name + suffix] = per_class[j][mask].mean().item() if mask.any() else None
     return out
 
