@@ -122,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ssesam_minimal.py", description="SSE-SAM on long-tailed CIFAR.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        # Optional[X] -> X; never type=bool (argparse would read "False" as true)
-        typ = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)
+        if f.type is bool:  # a switch: never type=bool (argparse would read "False" as true)
+            p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+            continue
+        typ = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)  # Optional[X] -> X
         p.add_argument(f"--{f.name}", type=typ, default=f.default,
                        choices=f.metadata["choices"], help=f.metadata["help"])
     return p

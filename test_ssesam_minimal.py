@@ -519,6 +519,10 @@ def test_parser_without_arguments_gives_the_config_defaults():
 def test_every_config_flag_parses_a_value_of_its_type(field, tmp_path):
     f = {f.name: f for f in dataclasses.fields(sm.Config)}[field]
     typ = _base_type(f.type)
+    if typ is bool:  # a switch: off by default, on when named, takes no value
+        assert f.default is False and getattr(sm.build_parser().parse_args([]), field) is False
+        assert getattr(sm.build_parser().parse_args([f"--{field}"]), field) is True
+        return
     if f.metadata["choices"]:
         text = value = f.metadata["choices"][-1]
     elif typ is int:
