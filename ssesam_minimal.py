@@ -34,12 +34,15 @@ Deliberate differences from the official code (each explained in README.md):
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -105,7 +108,11 @@ class Config:
     device: str = _arg("auto", "auto, cpu, cuda or cuda:N (--gpu wins when given)")
     print_freq: int = _arg(1, "evaluate on the test set every this many epochs (and at the last)")
     test_batch_size: int = _arg(1000, "evaluation batch size")
-    out: Optional[str] = _arg(None, "folder for metrics.jsonl, summary.json and model.pt")
+    out: Optional[str] = _arg(None, "folder for metrics.jsonl, summary.json, model.pt and the "
+                                    "rolling checkpoint last.pt")
+    save_every: int = _arg(1, "with --out: write last.pt every this many epochs (and on "
+                              "SIGINT / SIGTERM, and when the loss turns non-finite)")
+    resume: bool = _arg(False, "continue the run whose last.pt is in --out (same settings)")
 
 
 class UsageError(Exception):
@@ -141,7 +148,7 @@ def check_config(cfg: Config) -> None:
     for name in ("rho", "head_rho", "tail_rho"):
         if not getattr(cfg, name) >= 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("eta", "epochs", "batch_size", "print_freq", "test_batch_size"):
+    for name in ("eta", "epochs", "batch_size", "print_freq", "test_batch_size", "save_every"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("lr", "momentum", "wd", "tau", "vs_gamma", "ldam_max_m", "ldam_s"):
@@ -149,6 +156,8 @@ def check_config(cfg: Config) -> None:
             raise UsageError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.drw_epoch is not None and cfg.drw_epoch < 0:
         raise UsageError(f"--drw_epoch must be >= 0, got {cfg.drw_epoch}")
+    if cfg.resume and cfg.out is None:
+        raise UsageError("--resume needs --out: the folder whose last.pt it continues")
 
 
 # =============================================================================================
@@ -460,7 +469,12 @@ class _Climb:
         self.optimizer = optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.w = [torch.empty_like(p) for p in self.params]  # w, saved before each climb
-        self.param_groups = optimizer.param_groups           # lr schedules act on the base
+
+    @property
+    def param_groups(self):
+        """The base optimizer's (lr schedules act on it). A property, not a copy of the reference:
+        optimizer.load_state_dict() replaces the list, and a stale copy would set a dead lr."""
+        return self.optimizer.param_groups
 
     def grads(self):
         """Every parameter's gradient (zeros for one that has none)."""
@@ -795,8 +809,104 @@ def _fmt(v):
     return "  -- " if v is None else f"{v:5.1f}"
 
 
-def train(cfg: Config, data, device, log=print):
-    """Train per cfg on (x, y, x_test, y_test, counts, n_max); returns (model, summary dict)."""
+# --- The rolling checkpoint: everything the next epoch depends on, so a run continues bit for bit
+
+CKPT_FORMAT = "ssesam-minimal last.pt 1"
+# settings a --resume may change: where the run happens and how often it reports, not what it computes
+RUN_ONLY = ("data_dir", "gpu", "device", "print_freq", "test_batch_size", "out", "save_every", "resume",
+            "bench")
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived (raised by the handler main() installs)."""
+
+    def __init__(self, signum):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class Diverged(Exception):
+    """The training loss turned non-finite."""
+
+
+def _on_signal(signum, frame):
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the checkpoint write short
+    raise Interrupted(signum)
+
+
+def _atomic_write(path, data):
+    """Write data (str: as text, else torch.save) to path.tmp, then rename it over path: whatever
+    happens meanwhile, path holds either the old file or the whole new one."""
+    tmp = path + ".tmp"
+    try:
+        if isinstance(data, str):
+            with open(tmp, "w") as fh:
+                fh.write(data)
+        else:
+            torch.save(data, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _checkpoint(cfg, epoch, model, opt, criterion, history, best, seconds, device):
+    """last.pt's content after `epoch` finished epochs. Its tensors share memory with the live ones."""
+    base = opt.optimizer if isinstance(opt, _Climb) else opt
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "format": CKPT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": epoch,
+        "model": model.state_dict(),          # weights and BN running statistics
+        "optimizer": base.state_dict(),       # SGD momentum buffers
+        "criterion": criterion.state_dict(),  # DRW class weights
+        "ssesam": ({"k": opt.k, "head_rho": opt.head_rho, "tail_rho": opt.tail_rho}
+                   if isinstance(opt, SSESAM) else None),  # the stage counter, and the rho it implies
+        "rng": {"torch": torch.get_rng_state(),
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                          float(gauss)],
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        "history": history, "best": best, "seconds": seconds,
+    }
+
+
+def _restore(ckpt, model, opt, criterion, device):
+    model.load_state_dict(ckpt["model"])
+    (opt.optimizer if isinstance(opt, _Climb) else opt).load_state_dict(ckpt["optimizer"])
+    criterion.load_state_dict(ckpt["criterion"])
+    if isinstance(opt, SSESAM):
+        opt.k = ckpt["ssesam"]["k"]
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"])
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if device.type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read last.pt (tensors and plain Python only), or say in one line what is wrong with it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, not a torch file: one line, no traceback
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it to "
+                         f"start afresh")
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT):
+        raise UsageError(f"{path} is not a checkpoint of ssesam_minimal.py; delete it to start afresh")
+    return ckpt
+
+
+def config_diff(saved: dict, cfg: Config) -> list:
+    """'--name now (last.pt: then)' for every setting that changes what the run computes."""
+    now, absent = dataclasses.asdict(cfg), "(absent)"
+    names = [k for k in now if k not in saved] + list(saved)
+    return [f"--{k} {now.get(k, absent)} (last.pt: {saved.get(k, absent)})" for k in names
+            if k not in RUN_ONLY and now.get(k, absent) != saved.get(k, absent)]
+
+
+def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None):
+    """Train per cfg on (x, y, x_test, y_test, counts, n_max); returns (model, summary dict).
+    ckpt_path: keep the rolling checkpoint there; resume: a checkpoint (dict) to continue from."""
     x, y, x_test, y_test, counts, n_max = data
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -812,55 +922,98 @@ def train(cfg: Config, data, device, log=print):
     x_pad = F.pad(x, (PAD,) * 4).to(device)   # (N, 3, 40, 40) uint8, zero padding as RandomCrop's
     y, x_test, y_test = y.to(device), x_test.to(device), y_test.to(device)
     N, B = len(y), cfg.batch_size
+    n_steps = math.ceil(N / B)
     n_params = sum(p.numel() for p in model.parameters())
-    history, best, t_start = [], None, time.time()
+    history, best, done, seconds = [], None, 0, 0.0
+    if resume is not None:  # after the model's init, which draws from the RNG the checkpoint restores
+        try:
+            _restore(resume, model, opt, criterion, device)
+            history, best, done, seconds = (resume["history"], resume["best"], resume["epoch"],
+                                            resume["seconds"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise UsageError(f"{ckpt_path} does not fit this run ({type(e).__name__}); delete it to "
+                             f"start afresh")
+    t_start = time.time() - seconds
     log(f"{cfg.dataset} IF {cfg.imb_factor:g}: {N} train images, {len(counts)} classes, "
         f"{int(is_tail.sum())} tail (n < {cfg.eta}); {cfg.arch} "
         f"{n_params / 1e6:.2f} M params; {cfg.opt} + {cfg.loss}; "
-        f"device {device}")
-    for epoch in range(cfg.epochs):
-        t0 = time.time()
-        lr = lr_at(epoch, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if cfg.drw_epoch is not None:
-            criterion.set_drw(epoch >= cfg.drw_epoch)
-        if cfg.opt == "ssesam":
-            rho_h, rho_t = opt.head_rho, opt.tail_rho
-        else:  # SAM perturbs the whole batch, ImbSAM the tail only
-            rho_h, rho_t = {"sgd": (0.0, 0.0), "sam": (cfg.rho, cfg.rho), "imbsam": (0.0, cfg.rho)}[cfg.opt]
-        # the whole epoch, permuted, cropped, flipped and normalised at once on the device
-        perm = torch.randperm(N, device=device)
-        xs = normalize(random_crop_flip(x_pad[perm])).contiguous(memory_format=fmt)  # (N, 3, 32, 32)
-        ys = y[perm]
-        loss_sum = torch.zeros((), device=device)  # metrics stay on the device: no sync per step
-        correct = torch.zeros((), device=device)
-        model.train()
-        for i in range(0, N, B):
-            xb, yb = xs[i:i + B], ys[i:i + B]
-            logits, loss_i = step(model, criterion, opt, xb, yb, is_tail[yb], cfg.imbsam_weight)
-            loss_sum += loss_i.sum()
-            correct += (logits.argmax(1) == yb).sum()
-        if cfg.opt == "ssesam":
-            opt.update_rho()
-        loss, train_acc = loss_sum.item() / N, correct.item() / N * 100
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}")
-        row = {"epoch": epoch + 1, "lr": lr, "rho_head": rho_h, "rho_tail": rho_t, "loss": loss,
-               "train_acc": train_acc}
-        last = epoch == cfg.epochs - 1
-        if (epoch + 1) % cfg.print_freq == 0 or last:
-            row.update(evaluate(model, x_test, y_test, counts, n_max, cfg.test_batch_size, amp))
-            if best is None or row["avg"] > best["avg"]:
-                best = row
-        row["seconds"] = time.time() - t0
-        history.append(row)
-        eta_s = (time.time() - t_start) / (epoch + 1) * (cfg.epochs - epoch - 1)
-        test = (f"test avg {_fmt(row['avg'])} many {_fmt(row['many'])} med {_fmt(row['med'])} "
-                f"few {_fmt(row['few'])}" if "avg" in row else "test  --")
-        log(f"epoch {epoch + 1:3d}/{cfg.epochs} lr {lr:.5f} rho_h {rho_h:.3f} rho_t {rho_t:.3f} "
-            f"loss {loss:.4f} train {train_acc:5.1f} | {test} | {row['seconds']:.1f}s "
-            f"eta {eta_s / 60:.1f}m")
+        f"device {device}" + (f"; resumed after epoch {done}" if done else ""))
+    pending, saved = None, done  # pending: the newest finished epoch's checkpoint, not yet on disk
+    between = done or None  # set while the live state is exactly that of the epoch just finished
+    try:
+        for epoch in range(done, cfg.epochs):
+            between = None
+            t0 = time.time()
+            lr = lr_at(epoch, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if cfg.drw_epoch is not None:
+                criterion.set_drw(epoch >= cfg.drw_epoch)
+            if cfg.opt == "ssesam":
+                rho_h, rho_t = opt.head_rho, opt.tail_rho
+            else:  # SAM perturbs the whole batch, ImbSAM the tail only
+                rho_h, rho_t = {"sgd": (0.0, 0.0), "sam": (cfg.rho, cfg.rho), "imbsam": (0.0, cfg.rho)}[cfg.opt]
+            # the whole epoch, permuted, cropped, flipped and normalised at once on the device
+            perm = torch.randperm(N, device=device)
+            xs = normalize(random_crop_flip(x_pad[perm])).contiguous(memory_format=fmt)  # (N, 3, 32, 32)
+            ys = y[perm]
+            # metrics stay on the device, read once per epoch: no host-device sync per step
+            step_loss = torch.zeros(n_steps, device=device)  # per-step loss sums
+            correct = torch.zeros((), device=device)
+            model.train()
+            for s, i in enumerate(range(0, N, B)):
+                xb, yb = xs[i:i + B], ys[i:i + B]
+                logits, loss_i = step(model, criterion, opt, xb, yb, is_tail[yb], cfg.imbsam_weight)
+                step_loss[s] = loss_i.sum()
+                correct += (logits.argmax(1) == yb).sum()
+            if cfg.opt == "ssesam":
+                opt.update_rho()
+            loss, train_acc = step_loss.sum().item() / N, correct.item() / N * 100
+            if not math.isfinite(loss):  # this epoch's weights are not kept: last.pt stays as it is
+                bad = (~torch.isfinite(step_loss)).nonzero()
+                where = f"step {int(bad[0]) + 1} of {n_steps}" if len(bad) else "its loss sum overflowed"
+                raise Diverged(f"non-finite training loss at epoch {epoch + 1}, {where} (lr {lr:.3g})")
+            row = {"epoch": epoch + 1, "lr": lr, "rho_head": rho_h, "rho_tail": rho_t, "loss": loss,
+                   "train_acc": train_acc}
+            last = epoch == cfg.epochs - 1
+            if (epoch + 1) % cfg.print_freq == 0 or last:
+                row.update(evaluate(model, x_test, y_test, counts, n_max, cfg.test_batch_size, amp))
+                if best is None or row["avg"] > best["avg"]:
+                    best = row
+            row["seconds"] = time.time() - t0
+            history.append(row)
+            between = epoch + 1
+            eta_s = (time.time() - t_start) / (epoch + 1) * (cfg.epochs - epoch - 1)
+            test = (f"test avg {_fmt(row['avg'])} many {_fmt(row['many'])} med {_fmt(row['med'])} "
+                    f"few {_fmt(row['few'])}" if "avg" in row else "test  --")
+            log(f"epoch {epoch + 1:3d}/{cfg.epochs} lr {lr:.5f} rho_h {rho_h:.3f} rho_t {rho_t:.3f} "
+                f"loss {loss:.4f} train {train_acc:5.1f} | {test} | {row['seconds']:.1f}s "
+                f"eta {eta_s / 60:.1f}m")
+            if ckpt_path is not None:
+                pending = _checkpoint(cfg, epoch + 1, model, opt, criterion, history, best,
+                                      time.time() - t_start, device)
+                if (epoch + 1) % cfg.save_every == 0 or last:
+                    _atomic_write(ckpt_path, pending)
+                    pending, saved = None, epoch + 1
+                else:  # keep a copy: training goes on in the tensors the checkpoint points at
+                    pending = copy.deepcopy(pending)
+    except (Interrupted, Diverged) as e:
+        if ckpt_path is not None and between is not None and between > saved:  # stopped between
+            pending = _checkpoint(cfg, between, model, opt, criterion, history, best,  # epochs
+                                  time.time() - t_start, device)
+        if pending is not None:  # the newest finished epoch, not yet on disk
+            _atomic_write(ckpt_path, pending)
+            saved = pending["epoch"]
+        if ckpt_path is None:
+            note = "nothing saved (no --out)"
+        elif saved == 0:
+            note = "no epoch finished, nothing saved"
+        else:
+            note = f"{ckpt_path} holds epoch {saved} of {cfg.epochs}; continue with --resume"
+        during = (f" after epoch {between}" if between is not None else f" during epoch {len(history) + 1}")
+        during = during if isinstance(e, Interrupted) else ""
+        e.args = (f"{e}{during}; {note}",)
+        raise
     final = history[-1]
     keys = ("epoch", "avg", "many", "med", "few", "avg_tta", "many_tta", "med_tta", "few_tta")
     summary = {
@@ -877,19 +1030,64 @@ def train(cfg: Config, data, device, log=print):
     return model, summary
 
 
+def _prepare_out(cfg: Config):
+    """Check --out before any work; return the checkpoint that --resume continues, else None."""
+    if cfg.out is None:
+        return None
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out} exists and is not a folder")
+    path = os.path.join(cfg.out, "last.pt")
+    if cfg.resume:
+        if not os.path.isfile(path):
+            raise UsageError(f"--resume: there is no {path} to continue")
+        ckpt = load_checkpoint(path)
+        diff = config_diff(ckpt["config"], cfg)
+        if diff:
+            raise UsageError(f"--resume: these settings differ from {path}'s: {', '.join(diff)}")
+        return ckpt
+    if os.path.isfile(path):  # an unfinished run is not overwritten by accident
+        try:
+            ckpt = load_checkpoint(path)
+        except UsageError:
+            return None  # unreadable: nothing to keep, the new run overwrites it
+        if ckpt["epoch"] < ckpt["config"]["epochs"]:
+            raise UsageError(f"{path} holds an unfinished run (epoch {ckpt['epoch']} of "
+                             f"{ckpt['config']['epochs']}): add --resume to continue it, or choose "
+                             f"another --out")
+    return None
+
+
 def main(argv=None) -> dict:
-    """The CLI: parse, check, load, train, report, write --out. Returns the summary dict."""
+    """The CLI: parse, check, load, train, report, write --out. Returns the summary dict.
+    Exit codes: 2 bad input, 1 non-finite loss, 128 + signal number when interrupted."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if in_main_thread:  # SIGINT / SIGTERM -> Interrupted: train() saves, main() prints one line
+        for s in handlers:
+            signal.signal(s, _on_signal)
     try:
         cfg = Config(**vars(build_parser().parse_args(argv)))
         check_config(cfg)
         device = resolve_device(cfg)
+        resume = _prepare_out(cfg)
         data = load_data(cfg)
-        if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-            raise UsageError(f"--out {cfg.out} exists and is not a folder")
+        if cfg.out is not None:
+            os.makedirs(cfg.out, exist_ok=True)
+        ckpt_path = None if cfg.out is None else os.path.join(cfg.out, "last.pt")
+        model, summary = train(cfg, data, device, ckpt_path=ckpt_path, resume=resume)
     except UsageError as e:
         print(f"ssesam_minimal.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    model, summary = train(cfg, data, device)
+    except Interrupted as e:
+        print(f"ssesam_minimal.py: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum)
+    except Diverged as e:
+        print(f"ssesam_minimal.py: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    finally:
+        if in_main_thread:
+            for s, h in handlers.items():
+                signal.signal(s, h)
     history = summary.pop("history")
     f, b = summary["final"], summary["best"]
     print(f"final (epoch {f['epoch']}): avg {_fmt(f['avg'])} many {_fmt(f['many'])} med {_fmt(f['med'])} "
@@ -898,15 +1096,11 @@ def main(argv=None) -> dict:
     print(f"best on the test set (epoch {b['epoch']}, chosen on the test set, optimistic): "
           f"avg {_fmt(b['avg'])} | flip-TTA avg {_fmt(b['avg_tta'])}")
     print(f"{summary['seconds']:.1f}s on {summary['device_name']}")
-    if cfg.out is not None:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as fh:
-            for row in history:
-                if "avg" in row:
-                    fh.write(json.dumps(row) + "\n")
-        with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
-        torch.save(model.state_dict(), os.path.join(cfg.out, "model.pt"))
+    if cfg.out is not None:  # each file whole or not at all
+        rows = "".join(json.dumps(row) + "\n" for row in history if "avg" in row)
+        _atomic_write(os.path.join(cfg.out, "metrics.jsonl"), rows)
+        _atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
+        _atomic_write(os.path.join(cfg.out, "model.pt"), model.state_dict())
     return summary
 
 

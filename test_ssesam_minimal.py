@@ -11,6 +11,8 @@ import math
 import os
 import pickle
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import typing
@@ -736,6 +738,219 @@ def test_loss_va_is_accepted_and_trains_exactly_like_la(tmp_path):
     n = torch.tensor(counts, dtype=torch.float32)
     torch.testing.assert_close(a.shift, 0.75 * torch.log(n / n.sum()))
     assert a.shift.abs().min() > 0
+
+
+# =============================================================================================
+# 9. Checkpoint, resume, determinism, divergence
+# =============================================================================================
+
+# 3 epochs, gamma 0.5: rho_head switches off after epoch 2; DRW from epoch 2 (0-indexed): both
+# kinds of state that change between epochs are crossed by an interruption in epoch 2.
+RESUME_ARGS = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "3", "--imb_factor", "100",
+               "--eta", "20", "--gamma", "0.5", "--drw_epoch", "2", "--lr", "0.05"]
+
+
+def run_outputs(out):
+    """(state_dict of model.pt, metrics rows without timings, summary without timings)."""
+    state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    with open(out / "metrics.jsonl") as fh:
+        rows = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in fh]
+    with open(out / "summary.json") as fh:
+        summary = {k: v for k, v in json.load(fh).items() if k not in ("seconds", "config")}
+    return state, rows, summary
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit, BN buffers included
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted reference run."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    sm.main(RESUME_ARGS + ["--out", str(out)])
+    return out
+
+
+def interrupt_at(monkeypatch, opt, call, signum):
+    """Send `signum` to this process from inside the `call`-th training step (1-based)."""
+    step, calls = sm.STEPS[opt], []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)  # the handler raises at the next bytecode
+        return step(*args, **kwargs)
+
+    monkeypatch.setitem(sm.STEPS, opt, counted)
+    return calls
+
+
+def steps_per_epoch(args):
+    cfg = sm.Config(**vars(sm.build_parser().parse_args(args)))
+    return math.ceil(len(sm.load_data(cfg)[1]) / cfg.batch_size)
+
+
+@pytest.mark.parametrize("save_every,when", [(1, "during"), (2, "during"), (2, "after")])
+def test_run_interrupted_and_resumed_ends_bitwise_like_the_straight_run(
+        straight_run, save_every, when, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = RESUME_ARGS + ["--out", str(out), "--save_every", str(save_every)]
+    n = steps_per_epoch(args)
+    if when == "during":  # in the 3rd step of epoch 2
+        calls = interrupt_at(monkeypatch, "ssesam", n + 3, signal.SIGTERM)
+    else:  # after epoch 1 finished, before its checkpoint was taken (not due with save_every 2)
+        checkpoint, calls = sm._checkpoint, []
+
+        def interrupted_checkpoint(*a):
+            calls.append(1)
+            if len(calls) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return checkpoint(*a)  # reached on the 2nd call: the one that saves the interrupted run
+
+        monkeypatch.setattr(sm, "_checkpoint", interrupted_checkpoint)
+    with pytest.raises(SystemExit) as exc:
+        sm.main(args)
+    assert exc.value.code == 128 + signal.SIGTERM and len(calls) == (n + 3 if when == "during" else 2)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"ssesam_minimal.py: interrupted by SIGTERM {when} epoch {2 if when == 'during' else 1}; "
+                   f"{out / 'last.pt'} holds epoch 1 of 3; continue with --resume"]
+    # save_every 2: epoch 1 was not due, so the interruption wrote it; nothing half-written is left
+    assert sorted(os.listdir(out)) == ["last.pt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the handlers back
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["ssesam"]["k"] == 1 and len(ckpt["history"]) == 1
+    # the same command without --resume must not overwrite the unfinished run
+    line = expect_usage_exit(args, capsys)
+    assert "unfinished run (epoch 1 of 3)" in line and "--resume" in line
+    monkeypatch.undo()
+    sm.main(args + ["--resume"])
+    a, b = run_outputs(straight_run), run_outputs(out)
+    assert_same_state(a[0], b[0])
+    assert a[1] == b[1] and a[2] == b[2]
+    assert [r["rho_head"] for r in b[1]] == [0.05, 0.05, 0.0]  # the switch survived the resume
+
+
+def test_lr_set_through_the_wrapper_reaches_the_base_optimizer_after_load_state_dict():
+    model = nn.Linear(3, 2)
+    opt = sm.SSESAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, 0.05, 0.1)
+    opt.optimizer.load_state_dict(opt.optimizer.state_dict())  # replaces the param_groups list
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(1, 3)).sum().backward()
+    opt.optimizer.step()  # lr 0: nothing may move
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_same_seed_twice_on_cpu_gives_identical_weights_and_metrics(straight_run, tmp_path):
+    sm.main(RESUME_ARGS + ["--out", str(tmp_path / "again")])
+    a, b = run_outputs(straight_run), run_outputs(tmp_path / "again")
+    assert_same_state(a[0], b[0])
+    assert a[1] == b[1] and a[2] == b[2]
+
+
+def test_resume_with_other_settings_exits_2_naming_each_difference(straight_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(straight_run, out)
+    args = RESUME_ARGS + ["--out", str(out), "--resume"]
+    line = expect_usage_exit(args + ["--lr", "0.1", "--opt", "sam"], capsys)
+    assert "--lr 0.1 (last.pt: 0.05)" in line and "--opt sam (last.pt: ssesam)" in line
+    assert "--epochs" not in line and "--print_freq" not in line
+    # where and how often to report may change: this one resumes (a finished run: nothing to train)
+    summary = sm.main(args + ["--print_freq", "5", "--test_batch_size", "7"])
+    assert summary["final"] == run_outputs(straight_run)[2]["final"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "foreign"])
+def test_a_damaged_last_pt_gets_one_line_and_exit_2(straight_run, damage, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(straight_run, out)
+    path = out / "last.pt"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(bytes(range(256)) * 64)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"model": {}}, path)  # a torch file, but not ours
+    line = expect_usage_exit(RESUME_ARGS + ["--out", str(out), "--resume"], capsys)
+    assert str(path) in line and "delete it" in line
+
+
+def test_resume_without_a_checkpoint_or_without_out_exits_2(tmp_path, capsys):
+    line = expect_usage_exit(RESUME_ARGS + ["--out", str(tmp_path), "--resume"], capsys)
+    assert "no " + str(tmp_path / "last.pt") in line
+    assert "--out" in expect_usage_exit(RESUME_ARGS + ["--resume"], capsys)
+
+
+@pytest.mark.parametrize("save_every", [1, 2])
+def test_a_diverging_lr_stops_with_one_line_exit_1_and_last_pt_the_last_good_epoch(
+        save_every, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "4", "--opt", "sgd",
+            "--imb_factor", "10", "--save_every", str(save_every), "--out", str(out)]
+    # epoch 1 at a sane lr, then lr 1e12: the weights overflow within a few steps
+    monkeypatch.setattr(sm, "lr_at", lambda epoch, cfg: 0.05 if epoch == 0 else 1e12)
+    saved_states, losses = [], []
+    checkpoint, step = sm._checkpoint, sm.STEPS["sgd"]
+
+    def recording_checkpoint(cfg, epoch, model, *args):
+        saved_states.append(copy.deepcopy(model.state_dict()))  # the weights after each epoch
+        return checkpoint(cfg, epoch, model, *args)
+
+    def recording_step(*args, **kwargs):
+        logits, loss_i = step(*args, **kwargs)
+        losses.append(bool(torch.isfinite(loss_i.sum())))
+        return logits, loss_i
+
+    monkeypatch.setattr(sm, "_checkpoint", recording_checkpoint)
+    monkeypatch.setitem(sm.STEPS, "sgd", recording_step)
+    with pytest.raises(SystemExit) as exc:
+        sm.main(args)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    n = steps_per_epoch(args)
+    first_bad = losses.index(False)  # the first step whose loss was not finite, counted by hand
+    assert n <= first_bad < 2 * n, "the loss must go non-finite in epoch 2"
+    assert err == [f"ssesam_minimal.py: non-finite training loss at epoch 2, step {first_bad - n + 1} "
+                   f"of {n} (lr 1e+12); {out / 'last.pt'} holds epoch 1 of 4; continue with --resume"]
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and len(saved_states) == 1
+    assert_same_state(ckpt["model"], saved_states[0])
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert sorted(os.listdir(out)) == ["last.pt"]
+
+
+def test_ctrl_c_in_a_real_process_saves_and_exits_130_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-u", "ssesam_minimal.py", "--dataset", "synthetic", "--arch", "resnet8",
+            "--epochs", "50", "--opt", "sgd", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        for line in proc.stdout:  # wait for the first finished epoch
+            if line.startswith("epoch   1/50"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    # between epochs the live state is the finished epoch's; during one, the one before is kept
+    m = re.fullmatch(r"ssesam_minimal.py: interrupted by SIGINT (during|after) epoch (\d+); .*last.pt "
+                     r"holds epoch (\d+) of 50; continue with --resume", lines[0])
+    assert m and int(m[3]) == int(m[2]) - (m[1] == "during") >= 1, lines[0]
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == int(m[3]) and len(ckpt["history"]) == int(m[3])
+    assert sorted(os.listdir(out)) == ["last.pt"]
 
 
 # =============================================================================================
