@@ -954,6 +954,59 @@ def test_ctrl_c_in_a_real_process_saves_and_exits_130_with_one_line(tmp_path):
 
 
 # =============================================================================================
+# 10. scripts/reproduce.sh and scripts/results_table.py
+# =============================================================================================
+
+def test_reproduce_sh_runs_a_row_into_its_folder_skips_it_when_done_and_prints_the_table(tmp_path):
+    env = dict(os.environ, OUT_ROOT=str(tmp_path / "results"), EPOCHS="2", ROWS="sgd", JOBS="1",
+               OMP_NUM_THREADS="1", EXTRA="--dataset synthetic --imb_factor 10 --eta 50 --lr 0.1")
+    cmd = ["bash", "scripts/reproduce.sh", "resnet8", "3"]
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "results" / "resnet8" / "sgd-seed3"
+    assert sorted(os.listdir(run)) == ["last.pt", "metrics.jsonl", "model.pt", "summary.json", "train.log"]
+    with open(run / "summary.json") as fh:
+        summary = json.load(fh)
+    cfg = summary["config"]
+    assert (cfg["opt"], cfg["seed"], cfg["arch"], cfg["epochs"], cfg["print_freq"]) == ("sgd", 3, "resnet8", 2, 10)
+    avg = f"{summary['final']['avg']:.1f}"
+    assert re.search(rf"^\| CE \(SGD\) \| 1 \| .* \| {re.escape(avg)} \| 44.6 \|", first.stdout, re.M), first.stdout
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and f"done already: {run}" in again.stdout
+
+
+@pytest.mark.parametrize("args,env", [([], {}), (["resnet32", "0"], {"ROWS": "sgd adam"})])
+def test_reproduce_sh_rejects_bad_usage_with_exit_2_before_running_anything(args, env, tmp_path):
+    env = dict(os.environ, OUT_ROOT=str(tmp_path / "results"), **env)
+    r = subprocess.run(["bash", "scripts/reproduce.sh"] + args, cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.strip() and not (tmp_path / "results").exists()
+
+
+def test_results_table_gives_mean_and_sample_std_over_seeds(tmp_path):
+    avgs = {"ssesam": [48.0, 50.0, 49.0], "sgd": [44.0]}
+    for opt, values in avgs.items():
+        for seed, avg in enumerate(values):
+            run = tmp_path / f"{opt}-seed{seed}"
+            run.mkdir()
+            metrics = {"avg": avg, "many": 70.0 + seed, "med": 50.0, "few": 17.0}
+            metrics.update({k + "_tta": v + 1 for k, v in metrics.items()})
+            summary = {"config": {"opt": opt, "arch": "resnet32", "epochs": 200}, "params": 470000,
+                       "device_name": "cpu", "torch": "x", "seconds": 600.0 * (seed + 1),
+                       "final": metrics, "best": {k: v + 0.5 for k, v in metrics.items()}}
+            (run / "summary.json").write_text(json.dumps(summary))
+    r = subprocess.run([sys.executable, "scripts/results_table.py", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    headline, best = r.stdout.split("Best test evaluation")
+    # mean 49.0, sample std of (48, 50, 49) = 1.0; many: 70, 71, 72 -> 71.0 ± 1.0; minutes 10, 20, 30
+    assert "| +SSE-SAM | 3 | 71.0 ± 1.0 | 50.0 ± 0.0 | 17.0 ± 0.0 | 49.0 ± 1.0 | 49.3 | 20.0 ± 10.0 |" in headline
+    assert "| CE (SGD) | 1 | 70.0 | 50.0 | 17.0 | 44.0 | 44.6 | 10.0 |" in headline
+    assert "| +SSE-SAM | 3 | 72.5 ± 1.0 | 51.5 ± 0.0 | 18.5 ± 0.0 | 50.5 ± 1.0 | 49.3 | 20.0 ± 10.0 |" in best
+    assert "+SAM" not in r.stdout  # rows without runs are left out, not shown empty
+
+
+# =============================================================================================
 # Model, losses, optimizers
 # =============================================================================================
 
