@@ -15,6 +15,7 @@ Run:
     python ssesam_minimal.py --gpu 0 --imb_factor 100 --opt ssesam --loss CE --eta 100 \
         --print_freq 1 --head_rho 0.05 --tail_rho 0.10 --gamma 0.70 --dataset cifar100
     python ssesam_minimal.py --dataset synthetic --arch resnet8 --epochs 2   # CPU smoke run
+    python ssesam_minimal.py --out runs/a [--resume]   # keep runs/a/last.pt; continue after Ctrl-C
     from ssesam_minimal import SSESAM                                           # the official API
 
 Measured (NVIDIA H200, torch 2.11, seed command on CIFAR-100-LT): a ResNet-32 SSE-SAM epoch takes
