@@ -247,20 +247,27 @@ def synthetic_cifar(seed: int = 0, num_classes: int = 10, n_max: int = 200, n_te
     return sample(n_max), sample(n_test), n_max
 
 
-def load_data(cfg: Config):
-    """Train (long-tailed) and test sets as CPU tensors, plus the per-class training counts."""
-    if cfg.dataset == "synthetic":
-        (x, y), (xt, yt), n_max = synthetic_cifar()
-        num_classes = 10
-    else:
-        folder, train, test, key, n_max, num_classes, _, _ = CIFAR[cfg.dataset]
-        path = ensure_cifar(cfg.data_dir, cfg.dataset)
-        x, y = _read_cifar_files(path, train, key, num_classes)
-        xt, yt = _read_cifar_files(path, test, key, num_classes)
+def data_counts(cfg: Config):
+    """The per-class training counts of cfg's long-tailed data set, and n_max. Reads no data, so
+    a bad --imb_factor is rejected before anything is read or downloaded."""
+    n_max, num_classes = (200, 10) if cfg.dataset == "synthetic" else CIFAR[cfg.dataset][4:6]
     counts = lt_class_counts(n_max, num_classes, cfg.imb_factor)
     if min(counts) < 1:
         raise UsageError(f"--imb_factor {cfg.imb_factor:g} leaves class {counts.index(0)} with no "
                          f"training image ({cfg.dataset} has {n_max} per class: IF <= {n_max})")
+    return counts, n_max
+
+
+def load_data(cfg: Config):
+    """Train (long-tailed) and test sets as CPU tensors, plus the per-class training counts."""
+    counts, n_max = data_counts(cfg)
+    if cfg.dataset == "synthetic":
+        (x, y), (xt, yt), _ = synthetic_cifar(num_classes=len(counts), n_max=n_max)
+    else:
+        folder, train, test, key, _, num_classes, _, _ = CIFAR[cfg.dataset]
+        path = ensure_cifar(cfg.data_dir, cfg.dataset)
+        x, y = _read_cifar_files(path, train, key, num_classes)
+        xt, yt = _read_cifar_files(path, test, key, num_classes)
     idx = torch.from_numpy(lt_indices(y.numpy(), counts, cfg.subset_seed))
     return x[idx], y[idx], xt, yt, counts, n_max
 
@@ -299,6 +306,13 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=x_uint8.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x_uint8.device).view(1, 3, 1, 1)
     return (x_uint8.float() / 255 - mean) / std
+
+
+def shuffled_epoch(x_padded: torch.Tensor, y: torch.Tensor, memory_format=torch.contiguous_format):
+    """One epoch of training images at once, on their device: permuted, cropped, flipped, normalised."""
+    perm = torch.randperm(len(y), device=y.device)
+    xs = normalize(random_crop_flip(x_padded[perm])).contiguous(memory_format=memory_format)
+    return xs, y[perm]  # (N, 3, 32, 32) float32, (N,)
 
 
 # =============================================================================================
@@ -829,10 +843,7 @@ def train(cfg: Config, data, device, log=print):
             rho_h, rho_t = opt.head_rho, opt.tail_rho
         else:  # SAM perturbs the whole batch, ImbSAM the tail only
             rho_h, rho_t = {"sgd": (0.0, 0.0), "sam": (cfg.rho, cfg.rho), "imbsam": (0.0, cfg.rho)}[cfg.opt]
-        # the whole epoch, permuted, cropped, flipped and normalised at once on the device
-        perm = torch.randperm(N, device=device)
-        xs = normalize(random_crop_flip(x_pad[perm])).contiguous(memory_format=fmt)  # (N, 3, 32, 32)
-        ys = y[perm]
+        xs, ys = shuffled_epoch(x_pad, y, fmt)  # the whole epoch at once, on the device
         loss_sum = torch.zeros((), device=device)  # metrics stay on the device: no sync per step
         correct = torch.zeros((), device=device)
         model.train()
