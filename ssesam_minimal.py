@@ -34,6 +34,7 @@ Deliberate differences from the official code (each explained in README.md):
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -44,10 +45,12 @@ import time
 from typing import Optional
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # =============================================================================================
 # Config
@@ -106,6 +109,9 @@ class Config:
     print_freq: int = _arg(1, "evaluate on the test set every this many epochs (and at the last)")
     test_batch_size: int = _arg(1000, "evaluation batch size")
     out: Optional[str] = _arg(None, "folder for metrics.jsonl, summary.json and model.pt")
+    bench: bool = _arg(False, "do not train: time and count one step of each optimizer and one "
+                              "epoch of augmentation against the official code's, on random "
+                              "images (no data needed); prints a table (--out: bench.json)")
 
 
 class UsageError(Exception):
@@ -309,7 +315,8 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def shuffled_epoch(x_padded: torch.Tensor, y: torch.Tensor, memory_format=torch.contiguous_format):
-    """One epoch of training images at once, on their device: permuted, cropped, flipped, normalised."""
+    """One epoch of training images at once, on their device: permuted, cropped, flipped and
+    normalised in a few batched ops."""
     perm = torch.randperm(len(y), device=y.device)
     xs = normalize(random_crop_flip(x_padded[perm])).contiguous(memory_format=memory_format)
     return xs, y[perm]  # (N, 3, 32, 32) float32, (N,)
@@ -888,18 +895,251 @@ def train(cfg: Config, data, device, log=print):
     return model, summary
 
 
+# =============================================================================================
+# Benchmark (--bench): the cost of one training step and of one epoch of augmentation
+# =============================================================================================
+#
+# Each optimizer's step and, as the baseline, the official SSE-SAM step run on copies of one
+# network and on one batch of random images whose labels follow the long-tailed counts (so the
+# head/tail split is the real one). No data set is read.
+
+class OfficialSSESAM:
+    """BASELINE for --bench only, never used for training: the official SSESAM's bookkeeping. A
+    Python loop over the parameters for every operation; eps and the gradient sum kept per
+    parameter and made anew every step; w restored by subtracting eps; zero_grad() drops every
+    .grad, so each backward allocates new ones. Same update as SSESAM up to rounding (tested)."""
+
+    def __init__(self, optimizer, model, head_rho, tail_rho):
+        self.optimizer, self.model, self.rho_is, self.state = optimizer, model, [head_rho, tail_rho], {}
+
+    @torch.no_grad()
+    def compute_and_add_epsilon(self, n_i):
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.norm(torch.stack([torch.norm(p.grad) for p in params])) + 1e-16
+        for p in params:
+            state = self.state.setdefault(p, {})
+            if "eps" not in state:
+                state["eps"] = p.detach().clone()
+            state["eps"].copy_(p.grad).mul_(self.rho_is[n_i] / norm)  # rho / norm: once per tensor
+            p.add_(state["eps"])
+        self.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def compute_grad_sum_and_restore_p(self):
+        for p in self.model.parameters():
+            if p.grad is not None:
+                state = self.state[p]
+                state["G"] = state["G"].add_(p.grad) if "G" in state else p.grad.clone()
+                p.sub_(state["eps"])  # w + eps - eps: w up to rounding
+        self.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def update(self):
+        for p in self.model.parameters():
+            p.grad = self.state[p]["G"].clone()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.state.clear()
+
+
+def official_ssesam_step(model, criterion, opt, x, y, tail):
+    """BASELINE: the official training step, 4F+4B in the seed README's order. Every forward
+    updates the BN running statistics, boolean indexing cuts out each group (shapes vary from
+    batch to batch), and the logged loss costs one .item() (a host-device sync) per step. The
+    official loop's other logging (softmax, argmax, two .cpu() copies, two .item()) is left out."""
+    B = len(y)
+    loss_i = criterion(model(x), y)                                             # F1 at w
+    (loss_i[~tail].sum() / B).backward(retain_graph=True)                       # B1
+    opt.compute_and_add_epsilon(0)                                              # w + eps_head
+    head_loss = criterion(model(x)[~tail], y[~tail]).sum() / B                  # F2
+    head_loss.backward(retain_graph=True)                                       # B2
+    opt.compute_grad_sum_and_restore_p()                                        # back to w
+    (criterion(model(x)[tail], y[tail]).sum() / B).backward(retain_graph=True)  # F3, B3: F1 again
+    opt.compute_and_add_epsilon(1)                                              # w + eps_tail
+    tail_loss = criterion(model(x)[tail], y[tail]).sum() / B                    # F4
+    tail_loss.backward(retain_graph=True)                                       # B4
+    opt.compute_grad_sum_and_restore_p()                                        # back to w
+    opt.update()
+    return (head_loss + tail_loss).item()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while active (a composite operator counts as the ones
+    it runs). `own`: those dispatched neither inside a forward of the network or the loss (depth
+    > 0, kept by hooks) nor by autograd in a backward (no autograd node running), i.e. the ones
+    the step adds itself: head/tail split, climb, restore, update, logging."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.own = self.depth = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aten":
+            self.ops += 1
+            self.own += self.depth == 0 and torch._C._current_autograd_node() is None
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(step, model, criterion):
+    """Run step() once: (forwards of model, backwards, aten ops, own aten ops). A backward is
+    counted by a hook on the first parameter (the stem), which every backward reaches."""
+    counter, n = OpCounter(), {"F": 0, "B": 0}
+
+    def enter(module, args):
+        counter.depth += 1
+        n["F"] += module is model
+
+    def leave(module, args, out):
+        counter.depth -= 1
+
+    hooks = [h for m in (model, criterion)
+             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    hooks.append(next(model.parameters()).register_hook(lambda g: n.update(B=n["B"] + 1)))
+    try:
+        with counter:
+            step()
+    finally:
+        for h in hooks:
+            h.remove()
+    return n["F"], n["B"], counter.ops, counter.own
+
+
+def time_ms(fn, calls, device):
+    """Milliseconds per call of fn: CUDA events on a GPU, perf_counter on the CPU."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if cuda:
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+    return (time.perf_counter() - t0) * 1000 / calls
+
+
+class PILImages(torch.utils.data.Dataset):
+    """The official data path: uint8 HWC arrays, each made a PIL image, then transformed."""
+
+    def __init__(self, x, y, transform):
+        self.x, self.y, self.transform = x.permute(0, 2, 3, 1).numpy(), y.tolist(), transform
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.transform(PIL.Image.fromarray(self.x[i])), self.y[i]
+
+
+def bench(cfg: Config, counts, device, repeats=5, steps=3, log=print) -> dict:
+    """Time and count one step of each optimizer and of the official baseline, and one epoch of
+    augmentation against the official DataLoader; print the table, return its rows. Times are
+    medians over `repeats` rounds; each round runs every row in turn (`steps` steps, or one
+    epoch), so that background load hits all rows alike."""
+    torch.manual_seed(cfg.seed)
+    amp = device.type == "cuda"  # ours as in train(): bf16 autocast and channels_last on CUDA
+    if amp:
+        torch.backends.cudnn.benchmark = True
+    fmt = torch.channels_last if amp else torch.contiguous_format
+    y_all = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))  # (N,)
+    x_all = torch.randint(0, 256, (len(y_all), 3, 32, 32), dtype=torch.uint8)        # (N, 3, 32, 32)
+    pick = torch.randperm(len(y_all))[:cfg.batch_size]
+    x, y = normalize(x_all[pick]).to(device), y_all[pick].to(device)
+    tail = torch.tensor([n < cfg.eta for n in counts], device=device)[y]
+    criterion = LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s).to(device)
+    model0 = build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM")
+
+    def make(name):  # a copy of the network, its optimizer, and one step as a closure
+        if name == "official ssesam":  # fp32, default memory format, SGD's default implementation
+            model = copy.deepcopy(model0).to(device)
+            base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.wd)
+            opt = OfficialSSESAM(base, model, cfg.head_rho, cfg.tail_rho)
+            return model, lambda: official_ssesam_step(model, criterion, opt, x, y, tail)
+        model = copy.deepcopy(model0).to(device, memory_format=fmt)
+        opt_name, xf = name.split()[0], x.contiguous(memory_format=fmt)
+        opt = make_optimizer(dataclasses.replace(cfg, opt=opt_name), model)
+        for _ in range(opt.cut if name.endswith("after the switch") else 0):
+            opt.update_rho()
+        return model, lambda: STEPS[opt_name](model, criterion, opt, xf, y, tail, cfg.imbsam_weight)
+
+    rows, fns = {}, {}
+    for name in ("sgd", "sam", "imbsam", "ssesam before the switch", "ssesam after the switch",
+                 "official ssesam"):
+        model, fns[name] = make(name)
+        for _ in range(2):  # warm-up: momentum buffers, allocator, cudnn autotuning
+            fns[name]()
+        f, b, ops, own = count_step(fns[name], model, criterion)
+        rows[name] = {"passes": f"{f}F+{b}B", "forwards": f, "backwards": b, "ops": ops, "own_ops": own}
+    # one epoch of augmentation: ours (whole epoch at once, on the device) against a DataLoader of
+    # PIL images with the official transforms, batch size and number of workers
+    workers, tf = (os.cpu_count() or 1) // 4, torchvision.transforms
+    official_tf = tf.Compose([tf.RandomCrop(32, padding=PAD), tf.RandomHorizontalFlip(), tf.ToTensor(),
+                              tf.Normalize(MEAN, STD)])
+    loader = torch.utils.data.DataLoader(PILImages(x_all, y_all, official_tf), batch_size=cfg.batch_size,
+                                         shuffle=True, num_workers=workers)
+    x_pad, y_dev = F.pad(x_all, (PAD,) * 4).to(device), y_all.to(device)
+    fns["augmentation, ours"] = lambda: shuffled_epoch(x_pad, y_dev, fmt)
+    fns["augmentation, official"] = lambda: [(xb.to(device), yb.to(device)) for xb, yb in loader]
+    for name in ("augmentation, ours", "augmentation, official"):
+        fns[name]()  # warm-up
+        rows[name] = {"images": len(y_all), "workers": workers if name.endswith("official") else None}
+    ms = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            ms[name].append(time_ms(fn, 1 if name.startswith("augmentation") else steps, device))
+    for name, r in rows.items():
+        r["ms"], r["median_ms"] = ms[name], float(np.median(ms[name]))
+        r["spread"] = (max(ms[name]) - min(ms[name])) / r["median_ms"]  # (max - min) / median
+    ref, ref_aug = rows["official ssesam"], rows["augmentation, official"]
+    device_name = torch.cuda.get_device_name(device) if amp else f"cpu, {os.cpu_count()} cores"
+    n_tail = sum(n < cfg.eta for n in counts)
+    log(f"{device_name}, torch {torch.__version__}, torch threads {torch.get_num_threads()}; "
+        f"{cfg.arch}, batch {cfg.batch_size}, {cfg.dataset} IF {cfg.imb_factor:g} ({n_tail} of "
+        f"{len(counts)} classes tail); median of {repeats} rounds, spread = (max - min) / median\n")
+    log("| step | ms/step | spread | passes | aten ops | outside F/B | time / official "
+        "| ops / official | outside F/B / official |\n" + "|---" * 9 + "|")
+    for name, r in rows.items():
+        if "passes" in r:
+            log(f"| {name} | {r['median_ms']:.1f} | {r['spread']:.0%} | {r['passes']} | {r['ops']} "
+                f"| {r['own_ops']} | {r['median_ms'] / ref['median_ms']:.3f} "
+                f"| {r['ops'] / ref['ops']:.3f} | {r['own_ops'] / ref['own_ops']:.3f} |")
+    log(f"\n| one epoch of augmentation, {len(y_all)} images | ms | spread | time / official |\n"
+        + "|---" * 4 + "|")
+    for name, label in (("augmentation, ours", f"ours: shuffled_epoch() on the {device.type}"),
+                        ("augmentation, official", f"official: DataLoader, PIL transforms, {workers} "
+                         f"workers (os.cpu_count() // 4 = {os.cpu_count()} // 4)")):
+        r = rows[name]
+        log(f"| {label} | {r['median_ms']:.1f} | {r['spread']:.0%} "
+            f"| {r['median_ms'] / ref_aug['median_ms']:.3f} |")
+    return {"device": str(device), "device_name": device_name, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "repeats": repeats, "steps": steps,
+            "config": dataclasses.asdict(cfg), "rows": rows}
+
+
 def main(argv=None) -> dict:
-    """The CLI: parse, check, load, train, report, write --out. Returns the summary dict."""
+    """The CLI: parse, check, load, train, report, write --out. Returns the summary dict (with
+    --bench: the benchmark's, and nothing is trained)."""
     try:
         cfg = Config(**vars(build_parser().parse_args(argv)))
         check_config(cfg)
         device = resolve_device(cfg)
-        data = load_data(cfg)
+        data = data_counts(cfg) if cfg.bench else load_data(cfg)
         if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
             raise UsageError(f"--out {cfg.out} exists and is not a folder")
     except UsageError as e:
         print(f"ssesam_minimal.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    if cfg.bench:
+        result = bench(cfg, data[0], device)
+        if cfg.out is not None:
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(os.path.join(cfg.out, "bench.json"), "w") as fh:
+                json.dump(result, fh, indent=2)
+        return result
     model, summary = train(cfg, data, device)
     history = summary.pop("history")
     f, b = summary["final"], summary["best"]

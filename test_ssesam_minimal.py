@@ -1321,3 +1321,87 @@ def test_a_gpu_that_does_not_exist_exits_2(argv, needle, monkeypatch, capsys):
 def test_device_cuda_without_cuda_exits_2(capsys):
     line = expect_usage_exit(["--dataset", "synthetic", "--device", "cuda"], capsys)
     assert "--device cuda" in line
+
+
+# =============================================================================================
+# Benchmark (--bench): pass and operator counts, the official baseline step, foreach SGD
+# =============================================================================================
+
+BENCH_PASSES = {"sgd": (1, 1), "sam": (2, 2), "imbsam": (2, 3), "ssesam before the switch": (3, 4),
+                "ssesam after the switch": (2, 3), "official ssesam": (4, 4)}  # (forwards, backwards)
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """--bench at its smallest: ResNet-8, batch 4, one epoch of augmentation over 492 images."""
+    base = tmp_path_factory.mktemp("bench")
+    result = sm.main(["--bench", "--arch", "resnet8", "--batch_size", "4", "--dataset", "synthetic",
+                      "--data_dir", str(base / "data"), "--out", str(base / "out")])
+    return result, base
+
+
+def test_bench_reads_no_data_and_reports_the_passes_of_every_step(tiny_bench):
+    result, base = tiny_bench
+    steps = {k: (r["forwards"], r["backwards"]) for k, r in result["rows"].items() if "forwards" in r}
+    assert steps == BENCH_PASSES
+    assert not (base / "data").exists()
+    assert json.loads((base / "out" / "bench.json").read_text()) == result
+    counts, _ = sm.data_counts(sm.Config(dataset="synthetic"))
+    assert result["rows"]["augmentation, ours"]["images"] == sum(counts) == 492
+    for name, r in result["rows"].items():
+        assert len(r["ms"]) == result["repeats"] and all(t > 0 for t in r["ms"]), name
+        assert r["median_ms"] == float(np.median(r["ms"])), name
+
+
+def test_bench_sam_family_steps_dispatch_fewer_ops_than_the_official_step(tiny_bench):
+    rows = tiny_bench[0]["rows"]
+    official = rows["official ssesam"]
+    for name in ("sam", "imbsam", "ssesam before the switch", "ssesam after the switch"):
+        assert rows[name]["ops"] < official["ops"], name
+        assert rows[name]["own_ops"] < official["own_ops"], name
+        assert 0 < rows[name]["own_ops"] < rows[name]["ops"], name
+
+
+def test_bench_with_a_bad_imb_factor_exits_2_before_timing_anything(capsys):
+    line = expect_usage_exit(["--bench", "--dataset", "synthetic", "--imb_factor", "1000"], capsys)
+    assert "--imb_factor" in line and "no training image" in line
+
+
+def test_count_step_counts_passes_and_one_own_op_per_dispatched_call():
+    model = tiny_model(torch.float32)
+    x, _ = batch(dtype=torch.float32)
+    params = list(model.parameters())
+
+    def step():
+        model(x).sum().backward()          # own: the sum and the backward's seed (ones_like)
+        with torch.no_grad():
+            for p in params:               # own: one op per tensor
+                p.add_(1)
+            torch._foreach_add_(params, 1)  # own: one op for all of them
+    forwards, backwards, ops, own = sm.count_step(step, model, nn.Identity())
+    assert (forwards, backwards) == (1, 1)
+    assert own == 2 + len(params) + 1
+    model.zero_grad(set_to_none=True)      # as before the counted step: no .grad to accumulate into
+    counter = sm.OpCounter()
+    with counter:
+        model(x).sum().backward()
+    assert ops - own == counter.ops - 2    # the rest are exactly the forward's and backward's ops
+
+
+@pytest.mark.parametrize("epochs_done", [0, 7])  # before and after the switch (gamma 0.7, T 10)
+def test_official_baseline_step_gives_the_weights_of_ssesam_step(epochs_done):
+    ours, official = tiny_model(), tiny_model()
+    opt = sm.SSESAM(sgd(ours), ours, 0.05, 0.1, gamma=0.7, total_epochs=10)
+    for _ in range(epochs_done):
+        opt.update_rho()
+    # the official update_rho() sets rho_head to 0 at the switch
+    off = sm.OfficialSSESAM(sgd(official), official, opt.head_rho, 0.1)
+    for seed in (1, 2):  # a second step goes through SGD's momentum buffers
+        x, y = batch(seed)
+        run_step(sm.ssesam_step, opt, ours, x, y)
+        sm.official_ssesam_step(official, nn.CrossEntropyLoss(reduction="none"), off, x, y,
+                                torch.isin(y, TAIL_CLASSES))
+        # restoring w by subtracting eps leaves rounding residue; copying back leaves none
+        assert torch.allclose(flat(ours), flat(official), rtol=0, atol=1e-10)
+    # BN running statistics differ by design: the official step updates them in all 4 forwards
+    assert int(ours.bn1.num_batches_tracked) == 2 and int(official.bn1.num_batches_tracked) == 8
