@@ -1405,3 +1405,57 @@ def test_official_baseline_step_gives_the_weights_of_ssesam_step(epochs_done):
         assert torch.allclose(flat(ours), flat(official), rtol=0, atol=1e-10)
     # BN running statistics differ by design: the official step updates them in all 4 forwards
     assert int(ours.bn1.num_batches_tracked) == 2 and int(official.bn1.num_batches_tracked) == 8
+
+
+class SyncCounter(sm.OpCounter):
+    """Also counts reads of a tensor's value back to the host (.item(), bool(), float())."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.syncs += func is torch.ops.aten._local_scalar_dense.default
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_our_steps_add_no_op_per_parameter_tensor_and_no_sync_the_official_step_does_both():
+    own, syncs, n_tensors = {}, {}, {}
+    for depth in (8, 14):
+        for name in ("sgd", "sam", "imbsam", "ssesam", "official"):
+            model = sm.CifarResNet(depth, C)
+            n_tensors[depth] = len(list(model.parameters()))
+            crit = sm.LongTailLoss("CE", COUNTS)
+            x, y = batch(dtype=torch.float32)
+            tail = torch.isin(y, TAIL_CLASSES)
+            if name == "official":
+                opt = sm.OfficialSSESAM(sgd(model), model, 0.05, 0.1)
+                step = lambda: sm.official_ssesam_step(model, crit, opt, x, y, tail)
+            else:
+                opt = sm.make_optimizer(sm.Config(opt=name), model)
+                step = lambda: sm.STEPS[name](model, crit, opt, x, y, tail)
+            step()  # the first step makes SGD's momentum buffers, one per tensor
+            own[name, depth] = sm.count_step(step, model, crit)[3]
+            with SyncCounter() as counter:
+                step()
+            syncs[name] = counter.syncs
+    assert n_tensors[14] > n_tensors[8]
+    for name in ("sgd", "sam", "imbsam", "ssesam"):
+        assert own[name, 14] == own[name, 8], name
+        assert syncs[name] == 0, name
+    assert own["official", 14] - own["official", 8] >= 10 * (n_tensors[14] - n_tensors[8])
+    assert syncs["official"] >= 1
+
+
+@pytest.mark.parametrize("name", sm.OPTS)
+def test_make_optimizers_foreach_sgd_gives_the_weights_of_the_per_parameter_loop(name):
+    cfg = sm.Config(opt=name, lr=0.1, rho=0.05, head_rho=0.05, tail_rho=0.1, gamma=0.5, epochs=2)
+    fast, plain = tiny_model(), tiny_model()
+    fast_opt, plain_opt = sm.make_optimizer(cfg, fast), make_opt(name, plain)  # make_opt: SGD's default
+    assert (fast_opt if name == "sgd" else fast_opt.optimizer).defaults["foreach"] is True
+    assert (plain_opt if name == "sgd" else plain_opt.optimizer).defaults["foreach"] is None  # CPU: a loop
+    for seed in (1, 2):  # the second step uses the momentum buffers
+        x, y = batch(seed)
+        run_step(sm.STEPS[name], fast_opt, fast, x, y)
+        run_step(sm.STEPS[name], plain_opt, plain, x, y)
+        assert torch.allclose(flat(fast), flat(plain), rtol=0, atol=1e-12), (name, seed)
