@@ -1091,9 +1091,9 @@ def bench(cfg: Config, counts, device, repeats=5, steps=3, log=print) -> dict:
         fns[name]()  # warm-up
         rows[name] = {"images": len(y_all), "workers": workers if name.endswith("official") else None}
     ms = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            ms[name].append(time_ms(fn, 1 if name.startswith("augmentation") else steps, device))
+    for i in range(repeats):
+        for name in list(fns)[::1 if i % 2 == 0 else -1]:  # every other round backwards: no row always first
+            ms[name].append(time_ms(fns[name], 1 if name.startswith("augmentation") else steps, device))
     for name, r in rows.items():
         r["ms"], r["median_ms"] = ms[name], float(np.median(ms[name]))
         r["spread"] = (max(ms[name]) - min(ms[name])) / r["median_ms"]  # (max - min) / median
