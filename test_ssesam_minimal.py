@@ -1459,3 +1459,19 @@ def test_make_optimizers_foreach_sgd_gives_the_weights_of_the_per_parameter_loop
         run_step(sm.STEPS[name], fast_opt, fast, x, y)
         run_step(sm.STEPS[name], plain_opt, plain, x, y)
         assert torch.allclose(flat(fast), flat(plain), rtol=0, atol=1e-12), (name, seed)
+
+
+def test_a_channels_last_network_takes_the_steps_of_a_contiguous_one():
+    # train() keeps the network and the images channels_last on every device: a layout, not maths
+    plain = tiny_model(torch.float32)
+    fast = tiny_model(torch.float32).to(memory_format=torch.channels_last)
+    assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    opts = {m: sm.make_optimizer(sm.Config(lr=0.1), m) for m in (plain, fast)}
+    crit = sm.LongTailLoss("CE", COUNTS)
+    for seed in (1, 2):
+        x, y = batch(seed, dtype=torch.float32)
+        tail = torch.isin(y, TAIL_CLASSES)
+        sm.ssesam_step(plain, crit, opts[plain], x, y, tail)
+        sm.ssesam_step(fast, crit, opts[fast], x.contiguous(memory_format=torch.channels_last), y, tail)
+        assert torch.allclose(flat(fast), flat(plain), rtol=0, atol=1e-5), seed
+    assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the steps keep it
