@@ -1062,8 +1062,9 @@ def bench(cfg: Config, counts, device, repeats=5, steps=3, log=print) -> dict:
                                    weight_decay=cfg.wd)
             opt = OfficialSSESAM(base, model, cfg.head_rho, cfg.tail_rho)
             return model, lambda: official_ssesam_step(model, criterion, opt, x, y, tail)
-        model = copy.deepcopy(model0).to(device, memory_format=fmt)
-        opt_name, xf = name.split()[0], x.contiguous(memory_format=fmt)
+        layout = torch.contiguous_format if name.endswith("contiguous") else fmt  # the layout's share
+        model = copy.deepcopy(model0).to(device, memory_format=layout)
+        opt_name, xf = name.split()[0], x.contiguous(memory_format=layout)
         opt = make_optimizer(dataclasses.replace(cfg, opt=opt_name), model)
         for _ in range(opt.cut if name.endswith("after the switch") else 0):
             opt.update_rho()
@@ -1071,7 +1072,7 @@ def bench(cfg: Config, counts, device, repeats=5, steps=3, log=print) -> dict:
 
     rows, fns = {}, {}
     for name in ("sgd", "sam", "imbsam", "ssesam before the switch", "ssesam after the switch",
-                 "official ssesam"):
+                 "ssesam before the switch, contiguous", "official ssesam"):
         model, fns[name] = make(name)
         for _ in range(2):  # warm-up: momentum buffers, allocator, cudnn autotuning
             fns[name]()

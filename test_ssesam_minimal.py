@@ -1328,7 +1328,8 @@ def test_device_cuda_without_cuda_exits_2(capsys):
 # =============================================================================================
 
 BENCH_PASSES = {"sgd": (1, 1), "sam": (2, 2), "imbsam": (2, 3), "ssesam before the switch": (3, 4),
-                "ssesam after the switch": (2, 3), "official ssesam": (4, 4)}  # (forwards, backwards)
+                "ssesam after the switch": (2, 3), "ssesam before the switch, contiguous": (3, 4),
+                "official ssesam": (4, 4)}  # (forwards, backwards)
 
 
 @pytest.fixture(scope="module")
@@ -1356,7 +1357,8 @@ def test_bench_reads_no_data_and_reports_the_passes_of_every_step(tiny_bench):
 def test_bench_sam_family_steps_dispatch_fewer_ops_than_the_official_step(tiny_bench):
     rows = tiny_bench[0]["rows"]
     official = rows["official ssesam"]
-    for name in ("sam", "imbsam", "ssesam before the switch", "ssesam after the switch"):
+    for name in ("sam", "imbsam", "ssesam before the switch", "ssesam after the switch",
+                 "ssesam before the switch, contiguous"):
         assert rows[name]["ops"] < official["ops"], name
         assert rows[name]["own_ops"] < official["own_ops"], name
         assert 0 < rows[name]["own_ops"] < rows[name]["ops"], name
