@@ -1334,10 +1334,10 @@ BENCH_PASSES = {"sgd": (1, 1), "sam": (2, 2), "imbsam": (2, 3), "ssesam before t
 
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
-    """--bench at its smallest: ResNet-8, batch 4, one epoch of augmentation over 492 images."""
+    """--bench at its smallest, on the CPU: ResNet-8, batch 4, augmentation over 492 images."""
     base = tmp_path_factory.mktemp("bench")
-    result = sm.main(["--bench", "--arch", "resnet8", "--batch_size", "4", "--dataset", "synthetic",
-                      "--data_dir", str(base / "data"), "--out", str(base / "out")])
+    result = sm.main(["--bench", "--device", "cpu", "--arch", "resnet8", "--batch_size", "4",
+                      "--dataset", "synthetic", "--data_dir", str(base / "data"), "--out", str(base / "out")])
     return result, base
 
 
@@ -1362,6 +1362,16 @@ def test_bench_sam_family_steps_dispatch_fewer_ops_than_the_official_step(tiny_b
         assert rows[name]["ops"] < official["ops"], name
         assert rows[name]["own_ops"] < official["own_ops"], name
         assert 0 < rows[name]["own_ops"] < rows[name]["ops"], name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_on_cuda_reports_the_passes_of_every_step():
+    result = sm.main(["--bench", "--device", "cuda", "--arch", "resnet8", "--batch_size", "4",
+                      "--dataset", "synthetic"])
+    assert result["device"].startswith("cuda")
+    assert {k: (r["forwards"], r["backwards"]) for k, r in result["rows"].items()
+            if "forwards" in r} == BENCH_PASSES
+    assert all(t > 0 for r in result["rows"].values() for t in r["ms"])
 
 
 def test_bench_with_a_bad_imb_factor_exits_2_before_timing_anything(capsys):
