@@ -926,7 +926,7 @@ class OfficialSSESAM:
             state = self.state.setdefault(p, {})
             if "eps" not in state:
                 state["eps"] = p.detach().clone()
-            state["eps"].copy_(p.grad).mul_(self.rho_is[n_i] / norm)  # rho / norm: once per tensor
+            state["eps"].copy_(p.grad).mul_(self.rho_is[n_i] / norm)  # rho / norm redone per tensor
             p.add_(state["eps"])
         self.optimizer.zero_grad()
 
@@ -961,7 +961,7 @@ def official_ssesam_step(model, criterion, opt, x, y, tail):
     head_loss = criterion(model(x)[~tail], y[~tail]).sum() / B                  # F2
     head_loss.backward(retain_graph=True)                                       # B2
     opt.compute_grad_sum_and_restore_p()                                        # back to w
-    (criterion(model(x)[tail], y[tail]).sum() / B).backward(retain_graph=True)  # F3, B3: F1 again
+    (criterion(model(x)[tail], y[tail]).sum() / B).backward(retain_graph=True)  # F3, B3 at w again
     opt.compute_and_add_epsilon(1)                                              # w + eps_tail
     tail_loss = criterion(model(x)[tail], y[tail]).sum() / B                    # F4
     tail_loss.backward(retain_graph=True)                                       # B4
@@ -1066,7 +1066,8 @@ def bench(cfg: Config, counts, device, repeats=5, steps=3, log=print) -> dict:
                                    weight_decay=cfg.wd)
             opt = OfficialSSESAM(base, model, cfg.head_rho, cfg.tail_rho)
             return model, lambda: official_ssesam_step(model, criterion, opt, x, y, tail)
-        layout = torch.contiguous_format if name.endswith("contiguous") else fmt  # the layout's share
+        # the contiguous row shows what channels_last buys
+        layout = torch.contiguous_format if name.endswith("contiguous") else fmt
         model = copy.deepcopy(model0).to(device, memory_format=layout)
         opt_name, xf = name.split()[0], x.contiguous(memory_format=layout)
         opt = make_optimizer(dataclasses.replace(cfg, opt=opt_name), model)
@@ -1097,7 +1098,7 @@ def bench(cfg: Config, counts, device, repeats=5, steps=3, log=print) -> dict:
         rows[name] = {"images": len(y_all), "workers": workers if name.endswith("official") else None}
     ms = {name: [] for name in fns}
     for i in range(repeats):
-        for name in list(fns)[::1 if i % 2 == 0 else -1]:  # every other round backwards: no row always first
+        for name in list(fns)[::1 if i % 2 == 0 else -1]:  # every other round reversed: no row always first
             ms[name].append(time_ms(fns[name], 1 if name.startswith("augmentation") else steps, device))
     for name, r in rows.items():
         r["ms"], r["median_ms"] = ms[name], float(np.median(ms[name]))
