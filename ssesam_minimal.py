@@ -15,12 +15,15 @@ Run:
     python ssesam_minimal.py --gpu 0 --imb_factor 100 --opt ssesam --loss CE --eta 100 \
         --print_freq 1 --head_rho 0.05 --tail_rho 0.10 --gamma 0.70 --dataset cifar100
     python ssesam_minimal.py --dataset synthetic --arch resnet8 --epochs 2   # CPU smoke run
-    python ssesam_minimal.py --out runs/a [--resume]   # keep runs/a/last.pt; continue after Ctrl-C
+    python ssesam_minimal.py --out runs/a [--resume]        # keep last.pt; continue after Ctrl-C
+    python ssesam_minimal.py --bench                                         # step cost vs official
     from ssesam_minimal import SSESAM                                           # the official API
 
 Measured (NVIDIA H200, torch 2.11, seed command on CIFAR-100-LT): a ResNet-32 SSE-SAM epoch takes
 9-12 s before the switch and about 7 s after it (launch-bound). The accuracy table has not been
-reproduced with this file yet. README.md has the numbers, the test command and the flags.
+reproduced with this file yet. On the CPU (AMD EPYC, 1 thread, torch 2.14.1, --bench) an SSE-SAM
+step takes 0.61-0.68 of the official step's time before the switch and 0.44-0.50 after it.
+README.md has the numbers, the test command and the flags.
 Deliberate differences from the official code (each explained in README.md):
   * one forward at w feeds both the head and the tail gradient, and the head's perturbed pass is
     skipped once rho_head = 0: 3F+4B per step before the switch, 2F+3B after (official: 4F+4B);
@@ -52,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # =============================================================================================
 # Config
@@ -110,10 +114,13 @@ class Config:
     print_freq: int = _arg(1, "evaluate on the test set every this many epochs (and at the last)")
     test_batch_size: int = _arg(1000, "evaluation batch size")
     out: Optional[str] = _arg(None, "folder for metrics.jsonl, summary.json, model.pt and the "
-                                    "rolling checkpoint last.pt")
+                                    "rolling checkpoint last.pt (--bench: bench.json)")
     save_every: int = _arg(1, "with --out: write last.pt every this many epochs (and on "
                               "SIGINT / SIGTERM, and when the loss turns non-finite)")
     resume: bool = _arg(False, "continue the run whose last.pt is in --out (same settings)")
+    bench: bool = _arg(False, "do not train: time and count one step of each optimizer and one "
+                              "epoch of augmentation against the official code's, on random "
+                              "images (no data needed); prints a table (--out: bench.json)")
 
 
 class UsageError(Exception):
@@ -257,20 +264,27 @@ def synthetic_cifar(seed: int = 0, num_classes: int = 10, n_max: int = 200, n_te
     return sample(n_max), sample(n_test), n_max
 
 
-def load_data(cfg: Config):
-    """Train (long-tailed) and test sets as CPU tensors, plus the per-class training counts."""
-    if cfg.dataset == "synthetic":
-        (x, y), (xt, yt), n_max = synthetic_cifar()
-        num_classes = 10
-    else:
-        folder, train, test, key, n_max, num_classes, _, _ = CIFAR[cfg.dataset]
-        path = ensure_cifar(cfg.data_dir, cfg.dataset)
-        x, y = _read_cifar_files(path, train, key, num_classes)
-        xt, yt = _read_cifar_files(path, test, key, num_classes)
+def data_counts(cfg: Config):
+    """The per-class training counts of cfg's long-tailed data set, and n_max. Reads no data, so
+    a bad --imb_factor is rejected before anything is read or downloaded."""
+    n_max, num_classes = (200, 10) if cfg.dataset == "synthetic" else CIFAR[cfg.dataset][4:6]
     counts = lt_class_counts(n_max, num_classes, cfg.imb_factor)
     if min(counts) < 1:
         raise UsageError(f"--imb_factor {cfg.imb_factor:g} leaves class {counts.index(0)} with no "
                          f"training image ({cfg.dataset} has {n_max} per class: IF <= {n_max})")
+    return counts, n_max
+
+
+def load_data(cfg: Config):
+    """Train (long-tailed) and test sets as CPU tensors, plus the per-class training counts."""
+    counts, n_max = data_counts(cfg)
+    if cfg.dataset == "synthetic":
+        (x, y), (xt, yt), _ = synthetic_cifar(num_classes=len(counts), n_max=n_max)
+    else:
+        folder, train, test, key, _, num_classes, _, _ = CIFAR[cfg.dataset]
+        path = ensure_cifar(cfg.data_dir, cfg.dataset)
+        x, y = _read_cifar_files(path, train, key, num_classes)
+        xt, yt = _read_cifar_files(path, test, key, num_classes)
     idx = torch.from_numpy(lt_indices(y.numpy(), counts, cfg.subset_seed))
     return x[idx], y[idx], xt, yt, counts, n_max
 
@@ -309,6 +323,14 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=x_uint8.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x_uint8.device).view(1, 3, 1, 1)
     return (x_uint8.float() / 255 - mean) / std
+
+
+def shuffled_epoch(x_padded: torch.Tensor, y: torch.Tensor, memory_format=torch.contiguous_format):
+    """One epoch of training images at once, on their device: permuted, cropped, flipped and
+    normalised in a few batched ops."""
+    perm = torch.randperm(len(y), device=y.device)
+    xs = normalize(random_crop_flip(x_padded[perm])).contiguous(memory_format=memory_format)
+    return xs, y[perm]  # (N, 3, 32, 32) float32, (N,)
 
 
 # =============================================================================================
@@ -725,7 +747,10 @@ STEPS = {"sgd": sgd_step, "sam": sam_step, "imbsam": imbsam_step, "ssesam": sses
 
 
 def make_optimizer(cfg: Config, model):
-    base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    # foreach=True: a few ops for the whole model per SGD step. Left to itself, torch runs SGD as a
+    # Python loop over the parameters on the CPU (4 ops per tensor); on CUDA foreach is its default.
+    base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
+                           foreach=True)
     if cfg.opt == "sam":
         return SAM(base, model, cfg.rho)
     if cfg.opt == "imbsam":
@@ -760,9 +785,7 @@ def evaluate(model, x_test, y_test, counts, n_max, batch_size=1000, amp=False):
     C = len(counts)
     hits = torch.zeros(2, C, device=x_test.device)
     for i in range(0, len(y_test), batch_size):
-        x = normalize(x_test[i:i + batch_size])
-        if amp:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(x_test[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
         y = y_test[i:i + batch_size]
         with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
             z = model(x).float()
@@ -911,10 +934,12 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None):
     x, y, x_test, y_test, counts, n_max = data
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    amp = device.type == "cuda"  # bf16 autocast and channels_last on CUDA; fp32 weights and maths
+    amp = device.type == "cuda"  # bf16 autocast on CUDA; fp32 weights and optimizer maths
     if amp:
         torch.backends.cudnn.benchmark = True
-    fmt = torch.channels_last if amp else torch.contiguous_format
+    # channels_last stores (N, C, H, W) as N, H, W, C, the layout the convolution kernels prefer on
+    # CUDA and on the CPU alike (README.md, Speed, has the measured gain); the maths is the same
+    fmt = torch.channels_last
     model = build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM").to(device, memory_format=fmt)
     criterion = LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s).to(device)
     opt = make_optimizer(cfg, model)
@@ -954,10 +979,7 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None):
                 rho_h, rho_t = opt.head_rho, opt.tail_rho
             else:  # SAM perturbs the whole batch, ImbSAM the tail only
                 rho_h, rho_t = {"sgd": (0.0, 0.0), "sam": (cfg.rho, cfg.rho), "imbsam": (0.0, cfg.rho)}[cfg.opt]
-            # the whole epoch, permuted, cropped, flipped and normalised at once on the device
-            perm = torch.randperm(N, device=device)
-            xs = normalize(random_crop_flip(x_pad[perm])).contiguous(memory_format=fmt)  # (N, 3, 32, 32)
-            ys = y[perm]
+            xs, ys = shuffled_epoch(x_pad, y, fmt)  # the whole epoch at once, on the device
             # metrics stay on the device, read once per epoch: no host-device sync per step
             step_loss = torch.zeros(n_steps, device=device)  # per-step loss sums
             correct = torch.zeros((), device=device)
@@ -1031,12 +1053,246 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None):
     return model, summary
 
 
+# =============================================================================================
+# Benchmark (--bench): the cost of one training step and of one epoch of augmentation
+# =============================================================================================
+#
+# Each optimizer's step and, as the baseline, the official SSE-SAM step run on copies of one
+# network and on one batch of random images whose labels follow the long-tailed counts (so the
+# head/tail split is the real one). No data set is read.
+
+class OfficialSSESAM:
+    """BASELINE for --bench only, never used for training: the official SSESAM's bookkeeping. A
+    Python loop over the parameters for every operation; eps and the gradient sum kept per
+    parameter and made anew every step; w restored by subtracting eps; zero_grad() drops every
+    .grad, so each backward allocates new ones. Same update as SSESAM up to rounding (tested)."""
+
+    def __init__(self, optimizer, model, head_rho, tail_rho):
+        self.optimizer, self.model, self.rho_is, self.state = optimizer, model, [head_rho, tail_rho], {}
+
+    @torch.no_grad()
+    def compute_and_add_epsilon(self, n_i):
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.norm(torch.stack([torch.norm(p.grad) for p in params])) + 1e-16
+        for p in params:
+            state = self.state.setdefault(p, {})
+            if "eps" not in state:
+                state["eps"] = p.detach().clone()
+            state["eps"].copy_(p.grad).mul_(self.rho_is[n_i] / norm)  # rho / norm redone per tensor
+            p.add_(state["eps"])
+        self.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def compute_grad_sum_and_restore_p(self):
+        for p in self.model.parameters():
+            if p.grad is not None:
+                state = self.state[p]
+                state["G"] = state["G"].add_(p.grad) if "G" in state else p.grad.clone()
+                p.sub_(state["eps"])  # w + eps - eps: w up to rounding
+        self.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def update(self):
+        for p in self.model.parameters():
+            p.grad = self.state[p]["G"].clone()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.state.clear()
+
+
+def official_ssesam_step(model, criterion, opt, x, y, tail):
+    """BASELINE: the official training step, 4F+4B in the seed README's order. Every forward
+    updates the BN running statistics, boolean indexing cuts out each group (shapes vary from
+    batch to batch), every backward retains its graph, and the logged loss costs one .item() (a
+    host-device sync) per step. The official loop's other logging (softmax, argmax, two .cpu()
+    copies, two .item()) is left out."""
+    B = len(y)
+    loss_i = criterion(model(x), y)                                             # F1 at w
+    (loss_i[~tail].sum() / B).backward(retain_graph=True)                       # B1
+    opt.compute_and_add_epsilon(0)                                              # w + eps_head
+    head_loss = criterion(model(x)[~tail], y[~tail]).sum() / B                  # F2
+    head_loss.backward(retain_graph=True)                                       # B2
+    opt.compute_grad_sum_and_restore_p()                                        # back to w
+    (criterion(model(x)[tail], y[tail]).sum() / B).backward(retain_graph=True)  # F3, B3 at w again
+    opt.compute_and_add_epsilon(1)                                              # w + eps_tail
+    tail_loss = criterion(model(x)[tail], y[tail]).sum() / B                    # F4
+    tail_loss.backward(retain_graph=True)                                       # B4
+    opt.compute_grad_sum_and_restore_p()                                        # back to w
+    opt.update()
+    return (head_loss + tail_loss).item()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while active (a composite operator counts as the ones
+    it runs). `own`: those dispatched neither inside a forward of the network or the loss (depth
+    > 0, kept by hooks) nor by autograd in a backward (no autograd node running), i.e. the ones
+    the step adds itself: head/tail split, climb, restore, update, logging."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.own = self.depth = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aten":
+            self.ops += 1
+            self.own += self.depth == 0 and torch._C._current_autograd_node() is None
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(step, model, criterion):
+    """Run step() once: (forwards of model, backwards, aten ops, own aten ops). A backward is
+    counted by a hook on the first parameter (the stem), which every backward reaches."""
+    counter, n = OpCounter(), {"F": 0, "B": 0}
+
+    def enter(module, args):
+        counter.depth += 1
+        n["F"] += module is model
+
+    def leave(module, args, out):
+        counter.depth -= 1
+
+    hooks = [h for m in (model, criterion)
+             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    hooks.append(next(model.parameters()).register_hook(lambda g: n.update(B=n["B"] + 1)))
+    try:
+        with counter:
+            step()
+    finally:
+        for h in hooks:
+            h.remove()
+    return n["F"], n["B"], counter.ops, counter.own
+
+
+def time_ms(fn, calls, device):
+    """Milliseconds per call of fn: CUDA events on a GPU, perf_counter on the CPU."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if cuda:
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+    return (time.perf_counter() - t0) * 1000 / calls
+
+
+class PILImages(torch.utils.data.Dataset):
+    """The official data path: uint8 HWC arrays, each made a PIL image, then transformed."""
+
+    def __init__(self, x, y, transform):
+        self.x, self.y, self.transform = x.permute(0, 2, 3, 1).numpy(), y.tolist(), transform
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.transform(torchvision.transforms.functional.to_pil_image(self.x[i])), self.y[i]
+
+
+def bench(cfg: Config, counts, device, repeats=5, steps=3, log=print) -> dict:
+    """Time and count one step of each optimizer and of the official baseline, and one epoch of
+    augmentation against the official DataLoader; print the table, return its rows. Times are
+    medians over `repeats` rounds; each round runs every row in turn (`steps` steps, or one
+    epoch), so that background load hits all rows alike."""
+    torch.manual_seed(cfg.seed)
+    amp = device.type == "cuda"  # ours as in train(): channels_last, and bf16 autocast on CUDA
+    if amp:
+        torch.backends.cudnn.benchmark = True
+    fmt = torch.channels_last
+    y_all = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))  # (N,)
+    x_all = torch.randint(0, 256, (len(y_all), 3, 32, 32), dtype=torch.uint8)        # (N, 3, 32, 32)
+    pick = torch.randperm(len(y_all))[:cfg.batch_size]
+    x, y = normalize(x_all[pick]).to(device), y_all[pick].to(device)
+    tail = torch.tensor([n < cfg.eta for n in counts], device=device)[y]
+    criterion = LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s).to(device)
+    model0 = build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM")
+
+    def make(name):  # a copy of the network, its optimizer, and one step as a closure
+        if name == "official ssesam":  # fp32, default memory format, SGD's default implementation
+            model = copy.deepcopy(model0).to(device)
+            base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.wd)
+            opt = OfficialSSESAM(base, model, cfg.head_rho, cfg.tail_rho)
+            return model, lambda: official_ssesam_step(model, criterion, opt, x, y, tail)
+        # the contiguous row shows what channels_last buys
+        layout = torch.contiguous_format if name.endswith("contiguous") else fmt
+        model = copy.deepcopy(model0).to(device, memory_format=layout)
+        opt_name, xf = name.split()[0], x.contiguous(memory_format=layout)
+        opt = make_optimizer(dataclasses.replace(cfg, opt=opt_name), model)
+        for _ in range(opt.cut if name.endswith("after the switch") else 0):
+            opt.update_rho()
+        return model, lambda: STEPS[opt_name](model, criterion, opt, xf, y, tail, cfg.imbsam_weight)
+
+    rows, fns = {}, {}
+    for name in ("sgd", "sam", "imbsam", "ssesam before the switch", "ssesam after the switch",
+                 "ssesam before the switch, contiguous", "official ssesam"):
+        model, fns[name] = make(name)
+        for _ in range(2):  # warm-up: momentum buffers, allocator, cudnn autotuning
+            fns[name]()
+        f, b, ops, own = count_step(fns[name], model, criterion)
+        rows[name] = {"passes": f"{f}F+{b}B", "forwards": f, "backwards": b, "ops": ops, "own_ops": own}
+    # one epoch of augmentation: ours (whole epoch at once, on the device) against a DataLoader of
+    # PIL images with the official transforms, batch size and number of workers
+    workers, tf = (os.cpu_count() or 1) // 4, torchvision.transforms
+    official_tf = tf.Compose([tf.RandomCrop(32, padding=PAD), tf.RandomHorizontalFlip(), tf.ToTensor(),
+                              tf.Normalize(MEAN, STD)])
+    loader = torch.utils.data.DataLoader(PILImages(x_all, y_all, official_tf), batch_size=cfg.batch_size,
+                                         shuffle=True, num_workers=workers)
+    x_pad, y_dev = F.pad(x_all, (PAD,) * 4).to(device), y_all.to(device)
+    fns["augmentation, ours"] = lambda: shuffled_epoch(x_pad, y_dev, fmt)
+    fns["augmentation, official"] = lambda: [(xb.to(device), yb.to(device)) for xb, yb in loader]
+    for name in ("augmentation, ours", "augmentation, official"):
+        fns[name]()  # warm-up
+        rows[name] = {"images": len(y_all), "workers": workers if name.endswith("official") else None}
+    ms = {name: [] for name in fns}
+    for i in range(repeats):
+        for name in list(fns)[::1 if i % 2 == 0 else -1]:  # every other round reversed: no row always first
+            ms[name].append(time_ms(fns[name], 1 if name.startswith("augmentation") else steps, device))
+    for name, r in rows.items():
+        r["ms"], r["median_ms"] = ms[name], float(np.median(ms[name]))
+        r["spread"] = (max(ms[name]) - min(ms[name])) / r["median_ms"]  # (max - min) / median
+    ref, ref_aug = rows["official ssesam"], rows["augmentation, official"]
+    device_name = torch.cuda.get_device_name(device) if amp else f"cpu, {os.cpu_count()} cores"
+    n_tail = sum(n < cfg.eta for n in counts)
+    log(f"{device_name}, torch {torch.__version__}, torch threads {torch.get_num_threads()}; "
+        f"{cfg.arch}, batch {cfg.batch_size}, {cfg.dataset} IF {cfg.imb_factor:g} ({n_tail} of "
+        f"{len(counts)} classes tail); median of {repeats} rounds, spread = (max - min) / median\n")
+    log("| step | ms/step | spread | passes | aten ops | outside F/B | time / official "
+        "| ops / official | outside F/B / official |\n" + "|---" * 9 + "|")
+    for name, r in rows.items():
+        if "passes" in r:
+            log(f"| {name} | {r['median_ms']:.1f} | {r['spread']:.0%} | {r['passes']} | {r['ops']} "
+                f"| {r['own_ops']} | {r['median_ms'] / ref['median_ms']:.3f} "
+                f"| {r['ops'] / ref['ops']:.3f} | {r['own_ops'] / ref['own_ops']:.3f} |")
+    log(f"\n| one epoch of augmentation, {len(y_all)} images | ms | spread | time / official |\n"
+        + "|---" * 4 + "|")
+    for name, label in (("augmentation, ours", f"ours: shuffled_epoch() on the {device.type}"),
+                        ("augmentation, official", f"official: DataLoader, PIL transforms, {workers} "
+                         f"workers (os.cpu_count() // 4 = {os.cpu_count()} // 4)")):
+        r = rows[name]
+        log(f"| {label} | {r['median_ms']:.1f} | {r['spread']:.0%} "
+            f"| {r['median_ms'] / ref_aug['median_ms']:.3f} |")
+    return {"device": str(device), "device_name": device_name, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "repeats": repeats, "steps": steps,
+            "config": dataclasses.asdict(cfg), "rows": rows}
+
+
+# =============================================================================================
+# CLI
+# =============================================================================================
+
 def _prepare_out(cfg: Config):
     """Check --out before any work; return the checkpoint that --resume continues, else None."""
     if cfg.out is None:
         return None
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} exists and is not a folder")
+    if cfg.bench:  # writes bench.json only
+        return None
     path = os.path.join(cfg.out, "last.pt")
     if cfg.resume:
         if not os.path.isfile(path):
@@ -1059,7 +1315,8 @@ def _prepare_out(cfg: Config):
 
 
 def main(argv=None) -> dict:
-    """The CLI: parse, check, load, train, report, write --out. Returns the summary dict.
+    """The CLI: parse, check, load, train, report, write --out. Returns the summary dict (with
+    --bench: the benchmark's, and nothing is trained).
     Exit codes: 2 bad input, 1 non-finite loss, 128 + signal number when interrupted."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1071,6 +1328,12 @@ def main(argv=None) -> dict:
         check_config(cfg)
         device = resolve_device(cfg)
         resume = _prepare_out(cfg)
+        if cfg.bench:  # no training: the step costs, on random images
+            result = bench(cfg, data_counts(cfg)[0], device)
+            if cfg.out is not None:
+                os.makedirs(cfg.out, exist_ok=True)
+                _atomic_write(os.path.join(cfg.out, "bench.json"), json.dumps(result, indent=2))
+            return result
         data = load_data(cfg)
         if cfg.out is not None:
             os.makedirs(cfg.out, exist_ok=True)
