@@ -1485,3 +1485,51 @@ def test_saddle_analysis_takes_head_and_tail_by_eta_and_subsets_without_repeats(
         picked = [tuple(r.flatten().tolist()) for r in xs]
         assert len(set(picked)) == len(picked) and set(picked) <= rows
 
+
+# =============================================================================================
+# Tutorial notebook
+# =============================================================================================
+
+NOTEBOOK = os.path.join(REPO, "tutorial.ipynb")
+CELL_ID = re.compile(r"s[0-9]-[a-z0-9]+(-[a-z0-9]+)*")  # section number, then a slug
+
+
+def test_notebook_is_valid_small_has_readable_stable_cell_ids_and_the_outputs_of_a_real_run():
+    nbformat = pytest.importorskip("nbformat")
+    assert os.path.getsize(NOTEBOOK) < 2 * 1024 * 1024
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    ids = [cell.id for cell in nb.cells]
+    assert len(set(ids)) == len(ids)
+    assert all(CELL_ID.fullmatch(i) for i in ids), ids  # chosen names, not random uuids
+    # the ids survive a write and a read, and the file is what nbformat writes (no hand edits)
+    text = nbformat.writes(nb)
+    assert [cell.id for cell in nbformat.reads(text, as_version=4).cells] == ids
+    with open(NOTEBOOK, encoding="utf-8") as fh:
+        assert fh.read().rstrip("\n") == text.rstrip("\n")
+    # outputs of one run, top to bottom, without errors, with its plots
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    outputs = [o for cell in code for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6
+    settings = "".join(o.get("text", "") for o in next(c for c in code if c.id == "s0-settings").outputs)
+    assert settings.startswith("default settings: synthetic")  # not a quick-mode run
+
+
+def test_notebook_runs_top_to_bottom_in_quick_mode(monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv("SSESAM_TUTORIAL_QUICK", "1")  # the kernel inherits the environment
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:  # run from scratch, not on the saved outputs
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
+                            resources={"metadata": {"path": REPO}}).execute()  # raises on any error
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count is not None for cell in code)
+    assert not [o for cell in code for o in cell.outputs if o.output_type == "error"]
+    settings = "".join(o.get("text", "") for o in code[0].outputs)
+    assert settings.startswith("quick mode: synthetic"), settings
