@@ -11,6 +11,10 @@ gamma * T epochs sets rho_head = 0, from where on it is ImbSAM:
 
     G = grad L_head(w + eps_head) + grad L_tail(w + eps_tail),   L_group = sum_{i in group} l_i / B
 
+The saddle analysis reports lambda_min / lambda_max of the Hessian of L_head and of L_tail (power
+iteration and Lanczos on Hessian-vector products), the indicator behind the paper's argument that
+SAM escapes saddles of the overall loss but not of the tail's. tutorial.ipynb steps through it all.
+
 Run:
     python ssesam_minimal.py --gpu 0 --imb_factor 100 --opt ssesam --loss CE --eta 100 \
         --print_freq 1 --head_rho 0.05 --tail_rho 0.10 --gamma 0.70 --dataset cifar100
@@ -799,6 +803,128 @@ def evaluate(model, x_test, y_test, counts, n_max, batch_size=1000, amp=False):
         out["avg" + suffix] = per_class[j].mean().item()
         for name, mask in groups.items():
             out[name + suffix] = per_class[j][mask].mean().item() if mask.any() else None
+    return out
+
+
+# =============================================================================================
+# Saddle analysis: extreme Hessian eigenvalues of the head-class and the tail-class loss
+# =============================================================================================
+#
+# The paper's claim is about saddle points: SAM escapes those of the overall loss but not those of
+# the tail-class loss. At a saddle the Hessian H = grad^2 L(w) has eigenvalues of both signs, so the
+# indicator (Rangwani et al., NeurIPS 2022) is lambda_min / lambda_max of a group's loss at the
+# trained w: about 0 near a minimum, clearly negative near a saddle. H (P x P) is never formed;
+# power iteration and Lanczos need only products with it, by double backprop:
+#     H v = grad_w < grad_w L(w), v >
+# The model is in eval mode (BN uses its running statistics) and the images are not augmented, so
+# L is one fixed function of w and every product applies the same H.
+
+def group_loss_terms(model, criterion, x, y, batch_size=250):
+    """L = (1 / N) sum_i l_i over uint8 images x (N, 3, H, W), one term per batch: their sum is L,
+    and only one batch's graph is in memory at a time."""
+    p = next(model.parameters())
+    for i in range(0, len(y), batch_size):
+        xb = normalize(x[i:i + batch_size].to(p.device)).to(p.dtype)  # no augmentation
+        yield criterion(model(xb), y[i:i + batch_size].to(p.device)).sum() / len(y)
+
+
+@torch.enable_grad()
+def hvp(model, criterion, x, y, v, batch_size=250):
+    """H v, H the Hessian of L(w) = (1 / N) sum_i l_i(w) in the trainable parameters; v flat (P,)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    vs = [vi.view_as(p) for vi, p in zip(v.split([p.numel() for p in params]), params)]
+    Hv = torch.zeros_like(v)
+    for L_b in group_loss_terms(model, criterion, x, y, batch_size):  # H is a sum over the batches
+        g = torch.autograd.grad(L_b, params, create_graph=True)     # g = grad L_b, differentiable
+        # H_b v = grad_w (g . v): one more backward, through the first one
+        g_dot_v = sum((gi * vi).sum() for gi, vi in zip(g, vs))
+        Hv_b = torch.autograd.grad(g_dot_v, params, allow_unused=True, materialize_grads=True)
+        Hv += torch.cat([h.reshape(-1) for h in Hv_b])
+    return Hv
+
+
+def power_iteration(H, v0, max_iter=100, tol=1e-3):
+    """The eigenvalue of largest |lambda| of a symmetric operator H (a function v -> H v), from v0.
+    Stops when the Rayleigh quotient changes by less than tol, relatively (PyHessian's rule)."""
+    v, lam = v0 / v0.norm(), math.inf
+    for _ in range(max_iter):
+        Hv = H(v)
+        # Rayleigh quotient lambda = v^T H v for a unit v
+        lam, prev = torch.dot(v, Hv).item(), lam
+        v = Hv / Hv.norm()
+        if abs(lam - prev) < tol * abs(lam):
+            break
+    return lam
+
+
+def lambda_max(H, v0, max_iter=100, tol=1e-3):
+    """The largest eigenvalue of H by power iteration. That finds mu, the eigenvalue of largest
+    |lambda|. If mu < 0, mu is lambda_min, and H - mu I (eigenvalues lambda - mu >= 0) has the
+    largest eigenvalue lambda_max - mu."""
+    mu = power_iteration(H, v0, max_iter, tol)
+    if mu < 0:
+        mu += power_iteration(lambda v: H(v) - mu * v, v0, max_iter, tol)
+    return mu
+
+
+def lanczos(H, v0, k=30):
+    """Ritz values (ascending) of k Lanczos steps on a symmetric operator H from v0, with full
+    re-orthogonalisation. The extreme ones approach lambda_min and lambda_max from inside."""
+    n = min(k, v0.numel())
+    Q = torch.zeros(n, v0.numel(), dtype=v0.dtype, device=v0.device)  # rows: orthonormal q_1..q_n
+    Q[0] = v0 / v0.norm()
+    alpha, beta = [], []
+    for j in range(n):
+        w = H(Q[j])
+        alpha.append(torch.dot(Q[j], w).item())  # alpha_j = q_j^T H q_j
+        if j == n - 1:
+            break
+        # r = (I - Q Q^T) H q_j, twice: in floating point one pass leaves the q_i slightly
+        # non-orthogonal, and the Ritz values would then repeat (ghost eigenvalues)
+        r = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
+        r = r - Q[:j + 1].T @ (Q[:j + 1] @ r)
+        b = r.norm().item()
+        if b <= 1e-6 * w.norm().item():  # span{q_1..q_j} is invariant under H: Ritz values exact
+            break
+        beta.append(b)  # beta_j = ||r||, q_{j+1} = r / beta_j
+        Q[j + 1] = r / b
+    # T = Q^T H Q is tridiagonal, alpha on the diagonal and beta beside it; eig(T) = the Ritz values
+    a, b = torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
+    return torch.linalg.eigvalsh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
+
+
+def hessian_extremes(model, criterion, x, y, max_iter=100, tol=1e-3, k=30, seed=0, batch_size=250):
+    """lambda_max (power iteration), lambda_min (smallest Ritz value of Lanczos) and their ratio for
+    the Hessian of L(w) = (1 / N) sum_i l_i(w) over (x, y), in eval mode; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        P = sum(q.numel() for q in model.parameters() if q.requires_grad)
+        v0 = torch.randn(P, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
+
+        def H(v):
+            return hvp(model, criterion, x, y, v, batch_size)
+
+        lam_max, lam_min = lambda_max(H, v0, max_iter, tol), lanczos(H, v0, k)[0].item()
+    finally:
+        model.train(was_training)
+    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio": lam_min / lam_max}
+
+
+def saddle_analysis(model, criterion, x, y, counts, eta, max_images=None, seed=0, **kw):
+    """{"head": ..., "tail": ...}: hessian_extremes (kw: max_iter, tol, k, batch_size) of L_head and
+    L_tail, the mean loss over the training images of the classes with n_c >= eta (head) or
+    n_c < eta (tail), or over a fixed random subset of max_images of them. None for an empty group."""
+    is_tail = torch.tensor([n < eta for n in counts])[y.cpu()]
+    out = {}
+    for name, mask in (("head", ~is_tail), ("tail", is_tail)):
+        idx = torch.nonzero(mask).flatten()
+        if max_images is not None:  # the subset's Hessian is an unbiased estimate of the group's
+            pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
+            idx = idx[pick[:max_images]]
+        out[name] = (hessian_extremes(model, criterion, x[idx], y[idx], seed=seed, **kw)
+                     if len(idx) else None)
     return out
 
 

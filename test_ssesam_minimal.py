@@ -1755,3 +1755,215 @@ def test_a_channels_last_network_takes_the_steps_of_a_contiguous_one():
         sm.ssesam_step(fast, crit, opts[fast], x.contiguous(memory_format=torch.channels_last), y, tail)
         assert torch.allclose(flat(fast), flat(plain), rtol=0, atol=1e-5), seed
     assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the steps keep it
+
+
+# =============================================================================================
+# Saddle analysis: Hessian eigenvalues against the exact ones of a tiny model
+# =============================================================================================
+
+def hessian_model(seed=0):
+    """166 float64 parameters: conv, BN in eval mode with non-trivial running statistics, ReLU,
+    global pool, fc. Small enough for the full Hessian; at these weights the Hessian is indefinite."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, C)).double()
+    with torch.no_grad():
+        bn = m[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return m.eval()
+
+
+def hessian_data(n=40, seed=1):
+    """n uint8 8 x 8 images (the network pools globally) and labels over all C classes."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8),
+            torch.randint(0, C, (n,), generator=g))
+
+
+def mean_ce(model, x, y):
+    """The obvious group loss: mean CE over all images, no augmentation."""
+    return F.cross_entropy(model(sm.normalize(x).double()), y)
+
+
+def exact_hessian(model, x, y):
+    """The full P x P Hessian of mean_ce in eval mode, over the flattened parameters."""
+    model.eval()
+    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()])
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    xn = sm.normalize(x).double()
+
+    def L(w):
+        parts = w.split([s.numel() for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
+        return F.cross_entropy(torch.func.functional_call(model, params, (xn,)), y)
+
+    return torch.autograd.functional.hessian(L, w)
+
+
+def ce_criterion():
+    return sm.LongTailLoss("CE", COUNTS).double()
+
+
+def test_hessian_model_is_tiny_and_its_hessian_is_indefinite():
+    model = hessian_model()
+    assert sum(p.numel() for p in model.parameters()) == 3 * 4 * 9 + 2 * 4 + 4 * C + C
+    H = exact_hessian(model, *hessian_data())
+    assert torch.allclose(H, H.T, rtol=0, atol=1e-14)
+    ev = torch.linalg.eigvalsh(H)
+    assert ev[0] < -0.1 and ev[-1] > 0.1  # a saddle: so lambda_min and lambda_max are both tested
+
+
+@pytest.mark.parametrize("batch_size", [7, 16, 40, 100])
+def test_group_loss_terms_sum_to_the_mean_loss_over_all_images(batch_size):
+    model = hessian_model()
+    x, y = hessian_data()
+    terms = list(sm.group_loss_terms(model, ce_criterion(), x, y, batch_size))
+    assert len(terms) == math.ceil(len(y) / batch_size)  # one term (one graph) per batch
+    assert torch.allclose(sum(terms), mean_ce(model, x, y), rtol=0, atol=1e-14)
+
+
+def test_hvp_equals_the_exact_hessian_times_v():
+    model = hessian_model()
+    x, y = hessian_data()
+    H = exact_hessian(model, x, y)
+    for seed in (0, 1):
+        v = torch.randn(len(H), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        Hv = sm.hvp(model, ce_criterion(), x, y, v, batch_size=16)  # 16 + 16 + 8 images
+        assert torch.allclose(Hv, H @ v, rtol=0, atol=1e-13)
+        with torch.no_grad():  # works where the caller switched autograd off
+            assert torch.allclose(sm.hvp(model, ce_criterion(), x, y, v, batch_size=16), Hv, rtol=0, atol=1e-15)
+    assert all(p.grad is None for p in model.parameters())  # .grad is left alone
+
+
+def test_hessian_extremes_equal_the_exact_extreme_eigenvalues():
+    model = hessian_model()
+    x, y = hessian_data()
+    ev = torch.linalg.eigvalsh(exact_hessian(model, x, y))
+    lo, hi = ev[0].item(), ev[-1].item()
+    # converged: power iteration to a 1e-12 change, 40 Lanczos steps (P = 166)
+    r = sm.hessian_extremes(model, ce_criterion(), x, y, max_iter=1000, tol=1e-12, k=40, batch_size=16)
+    assert abs(r["lambda_max"] - hi) < 1e-8 * abs(hi)
+    assert abs(r["lambda_min"] - lo) < 1e-8 * abs(lo)
+    assert abs(r["ratio"] - lo / hi) < 1e-7
+    # the defaults (tol 1e-3, k 30): lambda_max to the tolerance, lambda_min never below the truth
+    r = sm.hessian_extremes(model, ce_criterion(), x, y, batch_size=16)
+    assert abs(r["lambda_max"] - hi) < 1e-3 * abs(hi)
+    assert lo - 1e-10 <= r["lambda_min"] < lo + 1e-6 * abs(lo)
+
+
+def rotated(eigenvalues, seed=0):
+    """A symmetric matrix Q diag(eigenvalues) Q^T with a random orthogonal Q (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g, dtype=torch.float64))
+    return Q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+
+
+def test_lambda_max_is_found_also_when_the_most_negative_eigenvalue_dominates():
+    A = rotated([-5.0, -1.0, 0.5, 2.0, 3.0])
+    v0 = torch.randn(5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # plain power iteration finds the eigenvalue of largest |lambda|, here lambda_min
+    assert abs(sm.power_iteration(lambda v: A @ v, v0, 1000, 1e-14) - -5.0) < 1e-9
+    assert abs(sm.lambda_max(lambda v: A @ v, v0, 1000, 1e-14) - 3.0) < 1e-9
+    B = rotated([-1.0, 0.5, 2.0, 3.0])  # lambda_max dominates: one run
+    v0 = v0[:4]
+    assert abs(sm.lambda_max(lambda v: B @ v, v0, 1000, 1e-14) - 3.0) < 1e-9
+
+
+def test_lanczos_ritz_values_are_the_eigenvalues_after_n_steps_and_stop_on_an_invariant_space():
+    ev = torch.linspace(-2, 7, 12, dtype=torch.float64)
+    A = rotated(ev.tolist())
+    v0 = torch.randn(12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.allclose(sm.lanczos(lambda v: A @ v, v0, k=12), ev, rtol=0, atol=1e-10)
+    assert len(sm.lanczos(lambda v: A @ v, v0, k=5)) == 5
+    # repeated eigenvalues: the Krylov space has dimension 3 (one per distinct eigenvalue), so
+    # Lanczos stops after 3 steps with the exact distinct eigenvalues, not with noise
+    R = rotated([1.0, 1.0, 1.0, 2.0, 2.0, 5.0])
+    ritz = sm.lanczos(lambda v: R @ v, v0[:6], k=6)
+    assert torch.allclose(ritz, torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_hessian_extremes_uses_eval_mode_restores_the_mode_and_changes_nothing(train_mode):
+    model = hessian_model()
+    x, y = hessian_data()
+    reference = sm.hessian_extremes(model, ce_criterion(), x, y, max_iter=5, k=5)  # model in eval mode
+    model.train(train_mode)
+    state = copy.deepcopy(model.state_dict())
+    r = sm.hessian_extremes(model, ce_criterion(), x, y, max_iter=5, k=5)
+    assert model.training == train_mode
+    assert r == reference  # BN used its running statistics in both calls
+    for k, v in model.state_dict().items():  # weights and BN statistics untouched
+        assert torch.equal(v, state[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_saddle_analysis_takes_head_and_tail_by_eta_and_subsets_without_repeats(monkeypatch):
+    model = hessian_model()
+    x, y = hessian_data(n=60)
+    tail = torch.isin(y, TAIL_CLASSES)  # COUNTS with ETA 50: classes 6..9
+    assert 0 < int(tail.sum()) < len(y)
+    r = sm.saddle_analysis(model, ce_criterion(), x, y, COUNTS, ETA, max_iter=5, k=5)
+    assert r["head"] == sm.hessian_extremes(model, ce_criterion(), x[~tail], y[~tail], max_iter=5, k=5)
+    assert r["tail"] == sm.hessian_extremes(model, ce_criterion(), x[tail], y[tail], max_iter=5, k=5)
+    seen = []
+    monkeypatch.setattr(sm, "hessian_extremes", lambda model, criterion, x, y, **kw: seen.append((x, y)))
+    sm.saddle_analysis(model, ce_criterion(), x, y, COUNTS, ETA, max_images=8)
+    (xh, yh), (xt, yt) = seen
+    assert len(yh) == 8 and len(yt) == min(8, int(tail.sum()))
+    assert not torch.isin(yh, TAIL_CLASSES).any() and torch.isin(yt, TAIL_CLASSES).all()
+    for xs, group in ((xh, x[~tail]), (xt, x[tail])):  # distinct images of the group, none twice
+        rows = {tuple(r.flatten().tolist()) for r in group}
+        picked = [tuple(r.flatten().tolist()) for r in xs]
+        assert len(set(picked)) == len(picked) and set(picked) <= rows
+
+
+# =============================================================================================
+# Tutorial notebook
+# =============================================================================================
+
+NOTEBOOK = os.path.join(REPO, "tutorial.ipynb")
+CELL_ID = re.compile(r"s[0-9]-[a-z0-9]+(-[a-z0-9]+)*")  # section number, then a slug
+
+
+def test_notebook_is_valid_small_has_readable_stable_cell_ids_and_the_outputs_of_a_real_run():
+    nbformat = pytest.importorskip("nbformat")
+    assert os.path.getsize(NOTEBOOK) < 2 * 1024 * 1024
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    ids = [cell.id for cell in nb.cells]
+    assert len(set(ids)) == len(ids)
+    assert all(CELL_ID.fullmatch(i) for i in ids), ids  # chosen names, not random uuids
+    # the ids survive a write and a read, and the file is what nbformat writes (no hand edits)
+    text = nbformat.writes(nb)
+    assert [cell.id for cell in nbformat.reads(text, as_version=4).cells] == ids
+    with open(NOTEBOOK, encoding="utf-8") as fh:
+        assert fh.read().rstrip("\n") == text.rstrip("\n")
+    # outputs of one run, top to bottom, without errors, with its plots
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    outputs = [o for cell in code for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6
+    settings = "".join(o.get("text", "") for o in next(c for c in code if c.id == "s0-settings").outputs)
+    assert settings.startswith("settings: synthetic, IF 100, resnet8, 6 epochs")  # the defaults, not quick mode
+
+
+def test_notebook_runs_top_to_bottom_in_quick_mode(monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv("SSESAM_TUTORIAL_QUICK", "1")  # the kernel inherits the environment
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:  # run from scratch, not on the saved outputs
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
+                            resources={"metadata": {"path": REPO}}).execute()  # raises on any error
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count is not None for cell in code)
+    assert not [o for cell in code for o in cell.outputs if o.output_type == "error"]
+    settings = "".join(o.get("text", "") for o in code[0].outputs)
+    assert settings.startswith("quick mode: synthetic"), settings
