@@ -1948,7 +1948,7 @@ def test_notebook_is_valid_small_has_readable_stable_cell_ids_and_the_outputs_of
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6
     settings = "".join(o.get("text", "") for o in next(c for c in code if c.id == "s0-settings").outputs)
-    assert settings.startswith("settings: synthetic, IF 100, resnet8, 6 epochs")  # the defaults, not quick mode
+    assert settings.startswith("settings: synthetic, IF 100, resnet8, 10 epochs")  # the defaults, not quick mode
 
 
 def test_notebook_runs_top_to_bottom_in_quick_mode(monkeypatch):
