@@ -26,7 +26,7 @@ Run:
 Measured (NVIDIA H200, torch 2.11, seed command on CIFAR-100-LT): a ResNet-32 SSE-SAM epoch takes
 9-12 s before the switch and about 7 s after it (launch-bound). The accuracy table has not been
 reproduced with this file yet. On the CPU (AMD EPYC, 1 thread, torch 2.14.1, --bench) an SSE-SAM
-step takes 0.61-0.68 of the official step's time before the switch and 0.44-0.50 after it.
+step takes 0.58-0.68 of the official step's time before the switch and 0.42-0.50 after it.
 README.md has the numbers, the test command and the flags.
 Deliberate differences from the official code (each explained in README.md):
   * one forward at w feeds both the head and the tail gradient, and the head's perturbed pass is
@@ -750,6 +750,14 @@ def ssesam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
 STEPS = {"sgd": sgd_step, "sam": sam_step, "imbsam": imbsam_step, "ssesam": ssesam_step}
 
 
+def make_model_and_criterion(cfg: Config, counts, device, memory_format=torch.contiguous_format):
+    """The network (cosine classifier for LDAM) and the per-sample loss that cfg asks for."""
+    model = build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM")
+    model = model.to(device, memory_format=memory_format)
+    criterion = LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s).to(device)
+    return model, criterion
+
+
 def make_optimizer(cfg: Config, model):
     # foreach=True: a few ops for the whole model per SGD step. Left to itself, torch runs SGD as a
     # Python loop over the parameters on the CPU (4 ops per tensor); on CUDA foreach is its default.
@@ -1066,8 +1074,7 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None):
     # channels_last stores (N, C, H, W) as N, H, W, C, the layout the convolution kernels prefer on
     # CUDA and on the CPU alike (README.md, Speed, has the measured gain); the maths is the same
     fmt = torch.channels_last
-    model = build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM").to(device, memory_format=fmt)
-    criterion = LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s).to(device)
+    model, criterion = make_model_and_criterion(cfg, counts, device, fmt)
     opt = make_optimizer(cfg, model)
     step = STEPS[cfg.opt]
     is_tail = torch.tensor([n < cfg.eta for n in counts], device=device)  # tail iff n_c < eta
@@ -1159,9 +1166,10 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None):
             note = "no epoch finished, nothing saved"
         else:
             note = f"{ckpt_path} holds epoch {saved} of {cfg.epochs}; continue with --resume"
-        during = (f" after epoch {between}" if between is not None else f" during epoch {len(history) + 1}")
-        during = during if isinstance(e, Interrupted) else ""
-        e.args = (f"{e}{during}; {note}",)
+        where = ""
+        if isinstance(e, Interrupted):  # between two epochs, or inside one
+            where = f" after epoch {between}" if between is not None else f" during epoch {len(history) + 1}"
+        e.args = (f"{e}{where}; {note}",)
         raise
     final = history[-1]
     keys = ("epoch", "avg", "many", "med", "few", "avg_tta", "many_tta", "med_tta", "few_tta")
@@ -1334,8 +1342,7 @@ def bench(cfg: Config, counts, device, repeats=5, steps=3, log=print) -> dict:
     pick = torch.randperm(len(y_all))[:cfg.batch_size]
     x, y = normalize(x_all[pick]).to(device), y_all[pick].to(device)
     tail = torch.tensor([n < cfg.eta for n in counts], device=device)[y]
-    criterion = LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s).to(device)
-    model0 = build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM")
+    model0, criterion = make_model_and_criterion(cfg, counts, device)  # copied for every row
 
     def make(name):  # a copy of the network, its optimizer, and one step as a closure
         if name == "official ssesam":  # fp32, default memory format, SGD's default implementation
