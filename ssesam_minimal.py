@@ -1,48 +1,48 @@
-"""ssesam_minimal.py -- SSE-SAM in one file: data, ResNet, losses, SAM / ImbSAM / SSE-SAM, training.
+"""ssesam_minimal.py -- SSE-SAM in one file: long-tailed CIFAR, ResNet, losses, SAM / ImbSAM / SSE-SAM.
 
 Paper: Xingyu Lyu, Qianqian Xu, Zhiyong Yang, Shaojie Lyu, Qingming Huang. "SSE-SAM: Balancing Head
 and Tail Classes Gradually through Stage-Wise SAM". AAAI 2025. https://arxiv.org/abs/2412.13715
+Official code (the "seed"): https://github.com/Zemdalk/SSE-SAM. Its README's command and its
+SSESAM usage snippet run here unchanged.
 
-What it does. Long-tailed CIFAR-10/100 (imbalance factor IF: class i keeps floor(n_max / IF^(i/(C-1)))
-images). SAM minimises the loss at the worst nearby point w + eps, eps = rho * g / ||g||. ImbSAM
-applies that to the tail-class loss only. SSE-SAM splits every batch by class into head (training
-count >= eta) and tail, perturbs each group along its own gradient (rho_head, rho_tail), and after
-gamma * T epochs sets rho_head = 0, from where on it is ImbSAM:
+The method. In a long-tailed training set a few head classes hold most images. SAM minimises the
+loss at the worst nearby point w + eps, eps = rho * g / ||g||. ImbSAM does that for the tail-class
+loss only. SSE-SAM splits every batch by class into head (training count n_c >= eta) and tail,
+perturbs each group along its own gradient, and after the first gamma * T of the T epochs sets
+rho_head = 0, from where on it is ImbSAM:
 
-    G = grad L_head(w + eps_head) + grad L_tail(w + eps_tail),   L_group = sum_{i in group} l_i / B
+    G = grad L_head(w + eps_head) + grad L_tail(w + eps_tail),    L_group = sum_{i in group} l_i / B
+    eps_group = rho_group * grad L_group(w) / ||grad L_group(w)||,  rho_head = 0 after ceil(gamma T) epochs
 
-The saddle analysis reports lambda_min / lambda_max of the Hessian of L_head and of L_tail (power
-iteration and Lanczos on Hessian-vector products), the indicator behind the paper's argument that
-SAM escapes saddles of the overall loss but not of the tail's. tutorial.ipynb steps through it all.
+Reading map: sections in dependency order, each using only what is above it.
+    Long-tailed CIFAR      lt_class_counts, lt_indices, load_data
+    Augmentation           random_crop_flip, normalize, shuffled_epoch (on the device)
+    Networks               CifarResNet / resnet32, resnet34 (the official code's backbone)
+    Losses                 LongTailLoss: CE, LDAM, LA, VS per sample, DRW class weights
+    SAM, ImbSAM, SSE-SAM   the method: each optimizer with its training step right below it
+    Evaluation             Avg and Many / Medium / Few
+    CUDA graphs            GraphedStep: the same steps recorded once and replayed (optional)
+    Training               train_one_epoch (the algorithm), train (schedule, logs, checkpoint)
+    Saddle analysis        lambda_min / lambda_max of the Hessians of L_head and L_tail
+    Command line           Config (every flag), checks, main()
 
 Run:
     python ssesam_minimal.py --gpu 0 --imb_factor 100 --opt ssesam --loss CE --eta 100 \
         --print_freq 1 --head_rho 0.05 --tail_rho 0.10 --gamma 0.70 --dataset cifar100
     python ssesam_minimal.py --dataset synthetic --arch resnet8 --epochs 2   # CPU smoke run
-    python ssesam_minimal.py --out runs/a [--resume]        # keep last.pt; continue after Ctrl-C
-    python ssesam_minimal.py --bench                                         # step cost vs official
-    from ssesam_minimal import SSESAM                                           # the official API
+    python ssesam_minimal.py --out runs/a [--resume]      # keep last.pt; continue after Ctrl-C
+    from ssesam_minimal import SSESAM                       # the official API
 
-Measured (NVIDIA H200, torch 2.11, seed command on CIFAR-100-LT): a ResNet-32 SSE-SAM epoch takes
-9-12 s before the switch and about 7 s after it (launch-bound). The accuracy table has not been
-reproduced with this file yet. On the CPU (AMD EPYC, 1 thread, torch 2.14.1, --bench) an SSE-SAM
-step takes 0.58-0.68 of the official step's time before the switch and 0.42-0.50 after it.
-README.md has the numbers, the test command and the flags.
-Deliberate differences from the official code (each explained in README.md):
-  * one forward at w feeds both the head and the tail gradient, and the head's perturbed pass is
-    skipped once rho_head = 0: 3F+4B per step before the switch, 2F+3B after (official: 4F+4B);
-  * weights are restored from a saved copy, not by subtracting eps;
-  * BatchNorm running statistics are updated only by the forward at the unperturbed weights;
-  * gamma = 0 works (head rho is 0 from the first step); the official code crashes there;
-  * --imb_factor is the ratio n_max / n_min (100), never 0.01;
-  * the default network is the true CIFAR ResNet-32 (0.47 M parameters); the 21.3 M-parameter
-    network the official code trains under that name is --arch resnet34;
-  * LDAM uses the cosine classifier of the LDAM paper; the headline number is the last epoch.
+Measured: on an NVIDIA H200 (torch 2.11) an eager ResNet-32 SSE-SAM epoch of the seed command
+takes 9-12 s before the switch and about 7 s after it, bound by kernel launches; the accuracy
+table has not been reproduced with this file yet (results/README.md). README.md lists the
+deliberate differences from the official code; the main ones: 3F+4B passes per step, then 2F+3B,
+for the official 4F+4B; BatchNorm statistics only from the unperturbed pass; gamma = 0 works; the
+default network is the true ResNet-32 (the official code's 21 M-parameter net is --arch resnet34).
 """
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -59,117 +59,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
-
-# =============================================================================================
-# Config
-# =============================================================================================
-
-OPTS = ("sgd", "sam", "imbsam", "ssesam")
-LOSSES = ("CE", "LDAM", "LA", "VA", "VS")  # VA: the seed README's spelling of LA
-DATASETS = ("cifar10", "cifar100", "synthetic")
-CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)  # 6n + 2
-ARCHS = tuple(f"resnet{d}" for d in CIFAR_DEPTHS) + ("resnet34",)
-
-
-def _arg(default, help, choices=None):
-    """A dataclass field that also carries its --help text (the CLI is built from these)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclasses.dataclass
-class Config:
-    # data
-    dataset: str = _arg("cifar100", "data set", DATASETS)
-    data_dir: str = _arg("./datasets", "folder holding (or receiving) the CIFAR python files")
-    imb_factor: float = _arg(100.0, "imbalance factor IF = n_max / n_min (>= 1; 100, not 0.01)")
-    subset_seed: Optional[int] = _arg(None, "shuffle each class with this seed before taking its "
-                                            "first n_i images (LDAM-DRW); None: file order")
-    # model and loss
-    arch: str = _arg("resnet32", "network; resnet34 is the official code's backbone", ARCHS)
-    loss: str = _arg("CE", "per-sample loss", LOSSES)
-    tau: float = _arg(0.75, "LA/VS: weight of the additive log-prior tau * log(pi_c)")
-    vs_gamma: float = _arg(0.05, "VS: multiplicative scale (n_c / n_max)^vs_gamma")
-    ldam_max_m: float = _arg(0.5, "LDAM: margin of the rarest class")
-    ldam_s: float = _arg(30.0, "LDAM: logit scale s")
-    drw_epoch: Optional[int] = _arg(None, "deferred re-weighting (beta 0.9999) from this 0-indexed "
-                                          "epoch on; None: off")
-    # optimizer
-    opt: str = _arg("ssesam", "optimizer", OPTS)
-    rho: float = _arg(0.05, "SAM / ImbSAM: perturbation radius rho")
-    head_rho: float = _arg(0.05, "SSE-SAM: rho_head, radius for the head classes until the switch")
-    tail_rho: float = _arg(0.10, "SSE-SAM: rho_tail, radius for the tail classes (constant)")
-    gamma: float = _arg(0.70, "SSE-SAM: rho_head = 0 after the first gamma * epochs epochs; "
-                              "0 <= gamma < 1")
-    eta: int = _arg(100, "ImbSAM / SSE-SAM: a class is tail iff its training count < eta")
-    imbsam_weight: str = _arg("group", "ImbSAM: 'group' divides each group's loss by its size in "
-                                       "the batch (official baseline), 'batch' by B", ("group", "batch"))
-    # schedule
-    epochs: int = _arg(200, "training epochs T")
-    batch_size: int = _arg(64, "training batch size B")
-    lr: float = _arg(0.01, "SGD learning rate, cosine-annealed to 0 per epoch")
-    momentum: float = _arg(0.9, "SGD momentum")
-    wd: float = _arg(1e-3, "SGD weight decay")
-    seed: int = _arg(9826, "seed for torch and numpy (the official default)")
-    # run
-    gpu: Optional[int] = _arg(None, "CUDA device index (falls back to CPU with a warning when the "
-                                    "machine has no CUDA)")
-    device: str = _arg("auto", "auto, cpu, cuda or cuda:N (--gpu wins when given)")
-    print_freq: int = _arg(1, "evaluate on the test set every this many epochs (and at the last)")
-    test_batch_size: int = _arg(1000, "evaluation batch size")
-    out: Optional[str] = _arg(None, "folder for metrics.jsonl, summary.json, model.pt and the "
-                                    "rolling checkpoint last.pt (--bench: bench.json)")
-    save_every: int = _arg(1, "with --out: write last.pt every this many epochs (and on "
-                              "SIGINT / SIGTERM, and when the loss turns non-finite)")
-    resume: bool = _arg(False, "continue the run whose last.pt is in --out (same settings)")
-    bench: bool = _arg(False, "do not train: time and count one step of each optimizer and one "
-                              "epoch of augmentation against the official code's, on random "
-                              "images (no data needed); prints a table (--out: bench.json)")
 
 
 class UsageError(Exception):
     """Bad input: main() prints it as one line and exits with code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI, derived field by field from Config so that each setting is declared once."""
-    p = _Parser(prog="ssesam_minimal.py", description="SSE-SAM on long-tailed CIFAR.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        if f.type is bool:  # a switch: never type=bool (argparse would read "False" as true)
-            p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-            continue
-        typ = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)  # Optional[X] -> X
-        p.add_argument(f"--{f.name}", type=typ, default=f.default,
-                       choices=f.metadata["choices"], help=f.metadata["help"])
-    return p
-
-
-def check_config(cfg: Config) -> None:
-    """Reject settings that would run but mean nothing, each with one line that says why."""
-    if not cfg.imb_factor >= 1:
-        raise UsageError(f"--imb_factor must be >= 1 (the ratio n_max / n_min), got {cfg.imb_factor}"
-                         + ("; 0.01 means 100 here" if 0 < cfg.imb_factor < 1 else ""))
-    if not 0 <= cfg.gamma < 1:
-        raise UsageError(f"--gamma must lie in [0, 1), got {cfg.gamma}")
-    for name in ("rho", "head_rho", "tail_rho"):
-        if not getattr(cfg, name) >= 0:
-            raise UsageError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("eta", "epochs", "batch_size", "print_freq", "test_batch_size", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("lr", "momentum", "wd", "tau", "vs_gamma", "ldam_max_m", "ldam_s"):
-        if not getattr(cfg, name) >= 0:
-            raise UsageError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.drw_epoch is not None and cfg.drw_epoch < 0:
-        raise UsageError(f"--drw_epoch must be >= 0, got {cfg.drw_epoch}")
-    if cfg.resume and cfg.out is None:
-        raise UsageError("--resume needs --out: the folder whose last.pt it continues")
 
 
 # =============================================================================================
@@ -268,7 +161,7 @@ def synthetic_cifar(seed: int = 0, num_classes: int = 10, n_max: int = 200, n_te
     return sample(n_max), sample(n_test), n_max
 
 
-def data_counts(cfg: Config):
+def data_counts(cfg: "Config"):
     """The per-class training counts of cfg's long-tailed data set, and n_max. Reads no data, so
     a bad --imb_factor is rejected before anything is read or downloaded."""
     n_max, num_classes = (200, 10) if cfg.dataset == "synthetic" else CIFAR[cfg.dataset][4:6]
@@ -279,7 +172,7 @@ def data_counts(cfg: Config):
     return counts, n_max
 
 
-def load_data(cfg: Config):
+def load_data(cfg: "Config"):
     """Train (long-tailed) and test sets as CPU tensors, plus the per-class training counts."""
     counts, n_max = data_counts(cfg)
     if cfg.dataset == "synthetic":
@@ -421,6 +314,10 @@ def resnet34(num_classes, normed=False):
     return m
 
 
+CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)  # 6n + 2
+ARCHS = tuple(f"resnet{d}" for d in CIFAR_DEPTHS) + ("resnet34",)
+
+
 def build_model(arch: str, num_classes: int, normed: bool = False) -> nn.Module:
     if arch == "resnet34":
         return resnet34(num_classes, normed)
@@ -479,18 +376,80 @@ class LongTailLoss(nn.Module):
 
 
 # =============================================================================================
-# SAM, ImbSAM, SSE-SAM: wrappers around a torch optimizer, with the official method names
+# SAM, ImbSAM, SSE-SAM: each optimizer, with the training step that uses it right below it
 # =============================================================================================
 #
-# Each climbs from w to w + eps along a gradient g, with one global L2 norm over every parameter
-# that has a gradient:    eps = rho * g / (||g||_2 + 1e-16)
-# then takes the gradient there and comes back to w. w is restored from a saved copy (copying back
-# is exact; subtracting eps is not). All tensor maths is foreach: one kernel per op for the whole
-# model, no per-parameter Python loop, no host-device sync.
+# All three wrap a torch optimizer (SGD here). Each climbs from w to w + eps along a gradient g,
+# with one global L2 norm over every parameter,
+#     eps = rho * g / (||g||_2 + 1e-16),
+# takes the gradient there, comes back to w, and lets the base optimizer step with that gradient
+# (momentum and weight decay act at w, as in the official code). w is restored from a saved copy:
+# copying back is exact, subtracting eps is not. All tensor maths is foreach (one kernel per op for
+# the whole model, no Python loop over the parameters) and nothing is read back to the host.
+#
+# Every step function takes (model, criterion, opt, x, y, tail, imbsam_weight) and returns the
+# logits and the per-sample losses at w, for the logs. To use one in your own training loop:
+#   * the criterion returns one loss per sample (reduction="none"): the groups are cut out of that
+#     vector, and a mean-reduced loss would be broadcast into both (split_losses refuses it);
+#   * tail is a (B,) bool mask, tail[i] = (n_{y_i} < eta), built by the caller: is_tail[y];
+#   * opt.end_epoch() is called once after every epoch (for SSESAM it is update_rho());
+#   * SSESAM's published defaults (gamma = 0) mean rho_head = 0 from the first step: pass gamma.
+# Passes per step (F forward, B backward): SGD 1F+1B, SAM 2F+2B, ImbSAM 2F+3B, SSE-SAM 3F+4B
+# before the switch and 2F+3B after it (the official code: 4F+4B throughout).
+
+def forward(model, criterion, x, y):
+    """Logits and per-sample losses; bf16 autocast on CUDA for the network, fp32 for the loss. One
+    autocast block per forward: its cache of bf16 weights would outlive an in-place climb."""
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):
+        logits = model(x)
+    return logits, criterion(logits, y)
+
+
+def split_losses(loss_i, tail, weight="batch"):
+    """L_head, L_tail from per-sample losses (B,) and the tail mask (B,).
+    batch: L_group = sum_{i in group} l_i / B          (SSE-SAM: L_head + L_tail = the batch mean)
+    group: L_group = sum_{i in group} l_i / |group|    (the SSE-SAM code's ImbSAM baseline)
+    torch.where, not indexing: shapes stay static, and an empty group gives 0, never NaN."""
+    if loss_i.shape != tail.shape:
+        raise ValueError(f"split_losses needs one loss per sample, shape {tuple(tail.shape)}, got "
+                         f"{tuple(loss_i.shape)}: build the criterion with reduction='none'")
+    zero = torch.zeros((), device=loss_i.device, dtype=loss_i.dtype)
+    L_head = torch.where(tail, zero, loss_i).sum()
+    L_tail = torch.where(tail, loss_i, zero).sum()
+    if weight == "group":
+        n_tail = tail.sum()
+        return L_head / (len(tail) - n_tail).clamp(min=1), L_tail / n_tail.clamp(min=1)
+    return L_head / len(tail), L_tail / len(tail)
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model):
+    """Forward passes inside normalise by their batch but leave BN running statistics untouched:
+    only the forward at w, the weights that are kept, feeds the statistics used at test time."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.track_running_stats for m in bns]
+    for m in bns:
+        m.track_running_stats = False  # in train mode: normalise by the batch, update nothing
+    try:
+        yield
+    finally:
+        for m, t in zip(bns, saved):
+            m.track_running_stats = t
+
+
+def sgd_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
+    """The baseline: one plain SGD step on the batch mean (1F+1B)."""
+    logits, loss_i = forward(model, criterion, x, y)
+    loss_i.mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)  # keep the .grad tensors: a CUDA graph reuses them
+    return logits.detach(), loss_i.detach()
 
 
 class _Climb:
-    """What the three share: the base optimizer, w's saved copy, the climb and the way back."""
+    """What the three share: the base optimizer, the climb w -> w + eps and the way back."""
+
+    rhos = (0.0, 0.0)  # (rho_head, rho_tail) in effect, for the logs
 
     def __init__(self, optimizer, model):
         self.optimizer = optimizer
@@ -503,25 +462,35 @@ class _Climb:
         optimizer.load_state_dict() replaces the list, and a stale copy would set a dead lr."""
         return self.optimizer.param_groups
 
+    def state_dict(self):
+        """The base optimizer's state (SGD's momentum) and the wrapper's own."""
+        return {"base": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["base"])
+
+    def end_epoch(self):
+        """Called once after every epoch (SSE-SAM counts epochs for its switch)."""
+
     def grads(self):
         """Every parameter's gradient (zeros for one that has none)."""
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
     @torch.no_grad()
     def zero_grad(self):
-        torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:  # none before the first backward that writes .grad
+            torch._foreach_zero_(grads)
 
     @torch.no_grad()
-    def climb(self, rho, grads=None):
-        """Save w, then w <- w + eps; clears .grad for the next backward."""
-        g = self.grads() if grads is None else list(grads)
+    def climb(self, rho, g):
+        """Save w, then w <- w + eps along g (one tensor per parameter)."""
         # ||g||_2 over all parameters = the norm of the per-tensor norms
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
         # eps = rho * g / (||g||_2 + 1e-16)   (an all-zero g gives eps = 0, not NaN)
         eps = torch._foreach_mul(g, rho / (norm + 1e-16))
         torch._foreach_copy_(self.w, self.params)
         torch._foreach_add_(self.params, eps)
-        self.zero_grad()
 
     @torch.no_grad()
     def restore(self):
@@ -530,7 +499,7 @@ class _Climb:
 
 
 class SAM(_Climb):
-    """SAM (Foret et al., 2021): step along grad L(w + eps).
+    """SAM (Foret et al., ICLR 2021): step along grad L(w + eps), eps = rho * g / ||g||, g = grad L(w).
 
         loss(model(x)).backward();  sam.first_step()    # w -> w + eps
         loss(model(x)).backward();  sam.second_step()   # back to w, base step with grad L(w + eps)
@@ -540,166 +509,17 @@ class SAM(_Climb):
         super().__init__(optimizer, model)
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
-        self.rho = rho
+        self.rho, self.rhos = rho, (rho, rho)
 
     def first_step(self):
-        self.climb(self.rho)
-
-    @torch.no_grad()
-    def second_step(self):
-        self.restore()
-        self.optimizer.step()  # momentum and weight decay act at w, as in the official code
-        self.zero_grad()
-
-
-class ImbSAM(_Climb):
-    """ImbSAM (Zhou et al., ICCV 2023): SAM on the tail loss only.
-    G = grad L_head(w) + grad L_tail(w + eps_tail).
-
-        L_head.backward(retain_graph=True); imbsam.first_step()   # keep grad L_head(w)
-        L_tail.backward();                  imbsam.second_step()  # w -> w + eps_tail
-        L_tail(model(x)).backward();        imbsam.third_step()   # back to w, step with G
-    """
-
-    def __init__(self, optimizer, model, rho=0.05):
-        super().__init__(optimizer, model)
-        if rho < 0:
-            raise ValueError(f"rho must be >= 0, got {rho}")
-        self.rho = rho
-        self.g_head = [torch.zeros_like(p) for p in self.params]
-
-    @torch.no_grad()
-    def first_step(self):
-        torch._foreach_copy_(self.g_head, self.grads())
+        """w -> w + eps from .grad; then .grad = 0 for the backward at w + eps."""
+        self.climb(self.rho, self.grads())
         self.zero_grad()
 
     def second_step(self):
-        self.climb(self.rho)
-
-    @torch.no_grad()
-    def third_step(self):
         self.restore()
-        torch._foreach_add_(self.grads(), self.g_head)  # G = grad L_tail(w + eps) + grad L_head(w)
         self.optimizer.step()
         self.zero_grad()
-
-
-class SSESAM(_Climb):
-    """SSE-SAM: each group climbs along its own gradient; rho_head drops to 0 after gamma * T epochs.
-    G = grad L_head(w + eps_head) + grad L_tail(w + eps_tail).   n_i: 0 = head, 1 = tail.
-
-    The official call order (4 forwards, 4 backwards; README.md shows it whole):
-        L_head.backward(); compute_and_add_epsilon(0); L_head(model(x)).backward(); compute_grad_sum_and_restore_p()
-        L_tail.backward(); compute_and_add_epsilon(1); L_tail(model(x)).backward(); compute_grad_sum_and_restore_p()
-        update()           # once per step
-        update_rho()       # once per epoch
-    """
-
-    def __init__(self, optimizer, model, head_rho, tail_rho, gamma=0, total_epochs=200):
-        super().__init__(optimizer, model)
-        if not 0 <= gamma < 1:
-            raise ValueError(f"gamma must lie in [0, 1), got {gamma}")
-        if head_rho < 0 or tail_rho < 0:
-            raise ValueError(f"rho must be >= 0, got head {head_rho}, tail {tail_rho}")
-        if total_epochs < 1:
-            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
-        self.head_rho0, self.tail_rho, self.gamma, self.total_epochs = head_rho, tail_rho, gamma, total_epochs
-        # switch once k >= gamma * T; rounding first keeps 0.7 * 10 = 7.000000000000001 at 7
-        self.cut = math.ceil(round(gamma * total_epochs, 9))
-        self.k = 0                                            # update_rho() calls so far (epochs)
-        self.G = [torch.zeros_like(p) for p in self.params]   # gradient sum over the groups
-        self.G_empty = True
-
-    @property
-    def head_rho(self):
-        """rho_head until update_rho() has been called gamma * T times, then 0 (stage 2 = ImbSAM)."""
-        return self.head_rho0 if self.k < self.cut else 0.0
-
-    @property
-    def rho_is(self):  # the official name: [rho_head, rho_tail], indexed by n_i
-        return [self.head_rho, self.tail_rho]
-
-    def compute_and_add_epsilon(self, n_i, grads=None):
-        """w <- w + eps with eps from .grad (or `grads`) and rho_is[n_i]."""
-        self.climb(self.rho_is[n_i], grads)
-
-    @torch.no_grad()
-    def add_grad(self, grads):
-        """G <- G + grads."""
-        if self.G_empty:
-            torch._foreach_copy_(self.G, grads)
-        else:
-            torch._foreach_add_(self.G, grads)
-        self.G_empty = False
-
-    def compute_grad_sum_and_restore_p(self):
-        """G <- G + .grad (the gradient at w + eps); w restored; .grad cleared."""
-        self.add_grad(self.grads())
-        self.restore()
-        self.zero_grad()
-
-    @torch.no_grad()
-    def update(self):
-        """Base optimizer step with .grad = G, then G is cleared for the next step."""
-        torch._foreach_copy_(self.grads(), self.G)
-        self.optimizer.step()
-        self.zero_grad()
-        self.G_empty = True
-
-    def update_rho(self):
-        """Call once per epoch: counts epochs for the stage switch."""
-        self.k += 1
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model):
-    """Forward passes inside use batch statistics but leave BN running statistics untouched."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.track_running_stats for m in bns]
-    for m in bns:
-        m.track_running_stats = False  # in train mode: normalise by the batch, update nothing
-    try:
-        yield
-    finally:
-        for m, t in zip(bns, saved):
-            m.track_running_stats = t
-
-
-# =============================================================================================
-# One training step per optimizer: each returns the logits and per-sample losses at w (for logs)
-# =============================================================================================
-#
-# Every step starts with one forward at w (F1), the only one that updates BN running statistics.
-# Perturbed forwards run under frozen_bn_stats. Passes per step:
-#   SGD 1F+1B, SAM 2F+2B, ImbSAM 2F+3B, SSE-SAM 3F+4B before the switch and 2F+3B after.
-
-def forward(model, criterion, x, y):
-    """Logits and per-sample losses; bf16 autocast on CUDA for the network, fp32 for the loss."""
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):
-        logits = model(x)
-    return logits, criterion(logits, y)
-
-
-def split_losses(loss_i, tail, weight="batch"):
-    """L_head, L_tail from per-sample losses and a (B,) tail mask.
-    batch: L_group = sum_{i in group} l_i / B           (SSE-SAM; L_head + L_tail = batch mean)
-    group: L_group = sum_{i in group} l_i / |group|     (the official ImbSAM baseline)
-    torch.where, not indexing: an empty group gives 0, never NaN, and shapes stay static."""
-    zero = torch.zeros((), device=loss_i.device)
-    L_head = torch.where(tail, zero, loss_i).sum()
-    L_tail = torch.where(tail, loss_i, zero).sum()
-    if weight == "group":
-        n_tail = tail.sum()
-        return L_head / (len(tail) - n_tail).clamp(min=1), L_tail / n_tail.clamp(min=1)
-    return L_head / len(tail), L_tail / len(tail)
-
-
-def sgd_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
-    logits, loss_i = forward(model, criterion, x, y)
-    loss_i.mean().backward()
-    opt.step()
-    opt.zero_grad(set_to_none=False)
-    return logits.detach(), loss_i.detach()
 
 
 def sam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
@@ -710,6 +530,39 @@ def sam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
         forward(model, criterion, x, y)[1].mean().backward()  # F2, B2 at w + eps
     opt.second_step()                                   # back to w, step with grad L(w + eps)
     return logits.detach(), loss_i.detach()
+
+
+class ImbSAM(_Climb):
+    """ImbSAM (Zhou et al., ICCV 2023): SAM on the tail loss only.
+        G = grad L_head(w) + grad L_tail(w + eps_tail),   eps_tail = rho * g_tail / ||g_tail||
+
+        L_head.backward(retain_graph=True); imbsam.first_step()   # keep grad L_head(w) aside
+        L_tail.backward();                  imbsam.second_step()  # w -> w + eps_tail
+        L_tail(model(x)).backward();        imbsam.third_step()   # back to w, step with G
+    """
+
+    def __init__(self, optimizer, model, rho=0.05):
+        super().__init__(optimizer, model)
+        if rho < 0:
+            raise ValueError(f"rho must be >= 0, got {rho}")
+        self.rho, self.rhos = rho, (0.0, rho)
+        self.g_head = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def first_step(self):
+        torch._foreach_copy_(self.g_head, self.grads())
+        self.zero_grad()
+
+    def second_step(self):
+        self.climb(self.rho, self.grads())
+        self.zero_grad()
+
+    @torch.no_grad()
+    def third_step(self):
+        self.restore()
+        torch._foreach_add_(self.grads(), self.g_head)  # G = grad L_tail(w + eps) + grad L_head(w)
+        self.optimizer.step()
+        self.zero_grad()
 
 
 def imbsam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
@@ -725,57 +578,124 @@ def imbsam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
     return logits.detach(), loss_i.detach()
 
 
+class SSESAM(_Climb):
+    """SSE-SAM (Lyu et al., AAAI 2025): SAM on the head and on the tail loss, each along its own
+    gradient, and no head perturbation after the first ceil(gamma * T) epochs (stage 2 = ImbSAM):
+
+        G = grad L_head(w + eps_head) + grad L_tail(w + eps_tail)
+        eps_group = rho_group * g_group / ||g_group||,   g_group = grad L_group(w)
+
+    n_i indexes the groups: 0 = head, 1 = tail. The seed README's call order, 4 forwards and 4
+    backwards (the test suite runs the snippet verbatim):
+        L_head(model(x)).backward();  compute_and_add_epsilon(0)          # w -> w + eps_head
+        L_head(model(x)).backward();  compute_grad_sum_and_restore_p()    # G = its grad; back to w
+        L_tail(model(x)).backward();  compute_and_add_epsilon(1)          # w -> w + eps_tail
+        L_tail(model(x)).backward();  compute_grad_sum_and_restore_p()    # G += its grad; back to w
+        update()          # SGD step with G, once per batch
+        update_rho()      # once per epoch
+    ssesam_step, below, makes the same update in the same order with fewer passes.
+    """
+
+    def __init__(self, optimizer, model, head_rho, tail_rho, gamma=0, total_epochs=200):
+        super().__init__(optimizer, model)
+        if not 0 <= gamma < 1:
+            raise ValueError(f"gamma must lie in [0, 1), got {gamma}")
+        if head_rho < 0 or tail_rho < 0:
+            raise ValueError(f"rho must be >= 0, got head {head_rho}, tail {tail_rho}")
+        if total_epochs < 1:
+            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
+        self.head_rho0, self.tail_rho, self.gamma, self.total_epochs = head_rho, tail_rho, gamma, total_epochs
+        self.k = 0                                            # epochs finished (update_rho() calls)
+        self.G = [torch.zeros_like(p) for p in self.params]   # the gradient sum over the groups
+
+    # ---- the stage switch, all of it ------------------------------------------------------------
+    @property
+    def cut(self):
+        """ceil(gamma * T), the number of stage-1 epochs. Rounded first: 0.7 * 10 is
+        7.000000000000001 in floating point, and the switch belongs after epoch 7, not 8."""
+        return math.ceil(round(self.gamma * self.total_epochs, 9))
+
+    @property
+    def head_rho(self):
+        """rho_head in stage 1 (fewer than cut epochs finished), 0 in stage 2. rho_tail never changes."""
+        return self.head_rho0 if self.k < self.cut else 0.0
+
+    def update_rho(self):
+        """Call once after every epoch."""
+        self.k += 1
+
+    # ---------------------------------------------------------------------------------------------
+    def end_epoch(self):
+        self.update_rho()
+
+    @property
+    def rhos(self):
+        return (self.head_rho, self.tail_rho)
+
+    @property
+    def rho_is(self):  # the official name: [rho_head, rho_tail], indexed by n_i
+        return list(self.rhos)
+
+    def state_dict(self):
+        return {"base": self.optimizer.state_dict(), "k": self.k}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["base"])
+        self.k = state["k"]
+
+    def compute_and_add_epsilon(self, n_i, grads=None):
+        """w <- w + eps for group n_i, along its gradient (.grad, or `grads`); then .grad = 0, so
+        that the backward at w + eps starts from zero (the official method does the same)."""
+        self.climb(self.rho_is[n_i], self.grads() if grads is None else grads)
+        self.zero_grad()
+
+    @torch.no_grad()
+    def add_grad(self, grads):
+        """G <- G + grads."""
+        torch._foreach_add_(self.G, grads)
+
+    def compute_grad_sum_and_restore_p(self):
+        """G <- G + .grad (the gradient at w + eps); then w is restored and .grad = 0."""
+        self.add_grad(self.grads())
+        self.restore()
+        self.zero_grad()
+
+    @torch.no_grad()
+    def update(self):
+        """Base optimizer step with .grad = G; then .grad = 0 and G = 0 for the next batch."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch._foreach_copy_([p.grad for p in self.params], self.G)
+        self.optimizer.step()
+        self.zero_grad()
+        torch._foreach_zero_(self.G)
+
+
 def ssesam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
-    logits, loss_i = forward(model, criterion, x, y)    # F1 at w, feeds both groups
-    L_head, L_tail = split_losses(loss_i, tail)
-    # B1: grad L_head(w), kept out of .grad: the climb changes w, and F1's graph is still needed
-    g_head = torch.autograd.grad(L_head, opt.params, retain_graph=True, allow_unused=True,
-                                 materialize_grads=True)
-    L_tail.backward()                                   # B2: grad L_tail(w) into .grad
-    opt.compute_and_add_epsilon(1)                      # w -> w + eps_tail
-    with frozen_bn_stats(model):
-        split_losses(forward(model, criterion, x, y)[1], tail)[1].backward()  # F2, B3 at w + eps_tail
-    opt.compute_grad_sum_and_restore_p()                # G = grad L_tail(w + eps_tail); back to w
-    if opt.head_rho > 0:                                # stage 1
-        opt.compute_and_add_epsilon(0, g_head)          # w -> w + eps_head
+    """SSESAM's update in the seed's order, head then tail, with 3F+4B before the switch and 2F+3B
+    after it. The seed's forward at w for the tail repeats the head's (same w, same batch), so one
+    forward gives both gradients at w; and a group with rho = 0 has eps = 0, so its gradient at
+    w + eps is its gradient at w, already known. imbsam_weight is unused: SSE-SAM divides by B."""
+    logits, loss_i = forward(model, criterion, x, y)    # F1 at w, the only pass that feeds BN stats
+    L = split_losses(loss_i, tail)                      # (L_head, L_tail), each divided by B
+    # g_head, g_tail = grad L_head(w), grad L_tail(w): two backwards through F1's graph (B1, B2),
+    # returned rather than added into .grad, where the two would mix
+    g = [torch.autograd.grad(L[n_i], opt.params, retain_graph=n_i == 0, allow_unused=True,
+                             materialize_grads=True) for n_i in (0, 1)]
+    for n_i in (0, 1):                                  # head, then tail
+        if opt.rho_is[n_i] == 0:                        # the head in stage 2: eps = 0
+            opt.add_grad(g[n_i])                        # G += grad L(w)
+            continue
+        opt.compute_and_add_epsilon(n_i, g[n_i])        # w -> w + eps
         with frozen_bn_stats(model):
-            split_losses(forward(model, criterion, x, y)[1], tail)[0].backward()  # F3, B4 at w + eps_head
-        opt.compute_grad_sum_and_restore_p()            # G += grad L_head(w + eps_head)
-    else:                                               # stage 2: eps_head = 0, reuse B1
-        opt.add_grad(g_head)                            # G += grad L_head(w)
-    opt.update()
+            split_losses(forward(model, criterion, x, y)[1], tail)[n_i].backward()  # F, B at w + eps
+        opt.compute_grad_sum_and_restore_p()            # G += grad L(w + eps); back to w
+    opt.update()                                        # SGD step with G
     return logits.detach(), loss_i.detach()
 
 
 STEPS = {"sgd": sgd_step, "sam": sam_step, "imbsam": imbsam_step, "ssesam": ssesam_step}
-
-
-def make_model_and_criterion(cfg: Config, counts, device, memory_format=torch.contiguous_format):
-    """The network (cosine classifier for LDAM) and the per-sample loss that cfg asks for."""
-    model = build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM")
-    model = model.to(device, memory_format=memory_format)
-    criterion = LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s).to(device)
-    return model, criterion
-
-
-def make_optimizer(cfg: Config, model):
-    # foreach=True: a few ops for the whole model per SGD step. Left to itself, torch runs SGD as a
-    # Python loop over the parameters on the CPU (4 ops per tensor); on CUDA foreach is its default.
-    base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
-                           foreach=True)
-    if cfg.opt == "sam":
-        return SAM(base, model, cfg.rho)
-    if cfg.opt == "imbsam":
-        return ImbSAM(base, model, cfg.rho)
-    if cfg.opt == "ssesam":
-        return SSESAM(base, model, cfg.head_rho, cfg.tail_rho, cfg.gamma, cfg.epochs)
-    return base
-
-
-def lr_at(epoch: int, cfg: Config) -> float:
-    """Cosine to 0, stepped before each epoch as the official code does: lr * (1 + cos(pi (e+1) / T)) / 2.
-    So the last epoch trains at lr 0 and only refreshes BN statistics."""
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / cfg.epochs))
 
 
 # =============================================================================================
@@ -812,6 +732,358 @@ def evaluate(model, x_test, y_test, counts, n_max, batch_size=1000, amp=False):
         for name, mask in groups.items():
             out[name + suffix] = per_class[j][mask].mean().item() if mask.any() else None
     return out
+
+
+# =============================================================================================
+# CUDA graphs: the same step, recorded once and replayed (--cuda_graph)
+# =============================================================================================
+#
+# On a GPU a step of a network this small is bound by launching hundreds of small kernels from
+# Python, not by arithmetic. A CUDA graph records every kernel of one step once; a replay then
+# launches them all at once. GraphedStep wraps any step function above and gives it what a replay
+# needs:
+#   * fixed input tensors: each batch is copied into static x, y and tail buffers;
+#   * no read back to the host and no shape that depends on the data (true of every step above:
+#     torch.where masks, no .item());
+#   * the learning rate as a tensor that the schedule overwrites in place (fused SGD reads it from
+#     device memory), so that one graph serves every epoch;
+#   * one graph per variant, because Python branches are frozen when a graph is recorded: the
+#     batch size (the short last batch of an epoch) and rho (SSE-SAM's switch);
+#   * momentum buffers and .grad tensors that exist before recording, and a few warm-up steps
+#     (cudnn picks its kernels, memory is allocated) whose training is then undone in place.
+# On the CPU nothing is recorded: the step runs eagerly on the same static buffers, warm-up and
+# undo included; the tests check that this gives the plain step's weights bit for bit.
+
+class GraphedStep:
+    """step(model, criterion, opt, x, y, tail, imbsam_weight) on static buffers, recorded as one
+    CUDA graph per (batch size, rho) and replayed; eager on the CPU. Build it after any resume."""
+
+    def __init__(self, step, model, opt, warmup=3):
+        self.step, self.model, self.opt, self.warmup = step, model, opt, warmup
+        dev = next(model.parameters()).device
+        self.record = dev.type == "cuda"
+        base = opt.optimizer if isinstance(opt, _Climb) else opt
+        for group in base.param_groups:  # a tensor the schedule fills in place (set_lr)
+            group["lr"] = torch.tensor(float(group["lr"]), device=dev)
+        for p in model.parameters():  # buf = 0.9 * 0 + g on the first step: what SGD does without one
+            base.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        # everything a step changes besides scratch space: undone after each warm-up
+        self.state = [*model.parameters(), *model.buffers(),
+                      *(base.state[p]["momentum_buffer"] for p in model.parameters())]
+        self.variants = {}  # (B, rhos) -> (static x, y, tail, graph or None, static outputs)
+
+    def __call__(self, model, criterion, opt, x, y, tail, imbsam_weight="group"):
+        key = (len(y), getattr(opt, "rhos", None))
+        if key not in self.variants:
+            self.variants[key] = self._prepare(criterion, x, y, tail, imbsam_weight)
+        sx, sy, st, graph, out = self.variants[key]
+        sx.copy_(x)
+        sy.copy_(y)
+        st.copy_(tail)
+        if graph is None:
+            return self.step(self.model, criterion, self.opt, sx, sy, st, imbsam_weight)
+        graph.replay()
+        return out
+
+    def _prepare(self, criterion, x, y, tail, imbsam_weight):
+        static = (x.clone(), y.clone(), tail.clone())
+        saved = [t.clone() for t in self.state]
+        side = torch.cuda.Stream() if self.record else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for _ in range(self.warmup):  # these steps train ...
+                self.step(self.model, criterion, self.opt, *static, imbsam_weight)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():  # ... so their effect is undone, in place: a graph reads these tensors
+            for t, s in zip(self.state, saved):
+                t.copy_(s)
+        if not self.record:
+            return (*static, None, None)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records; runs nothing
+            out = self.step(self.model, criterion, self.opt, *static, imbsam_weight)
+        return (*static, graph, out)
+
+
+# =============================================================================================
+# Training
+# =============================================================================================
+
+def make_model_and_criterion(cfg: "Config", counts, device, memory_format=torch.contiguous_format):
+    """The network (cosine classifier for LDAM) and the per-sample loss that cfg asks for."""
+    model = build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM")
+    model = model.to(device, memory_format=memory_format)
+    criterion = LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s).to(device)
+    return model, criterion
+
+
+def make_optimizer(cfg: "Config", model):
+    # fused: SGD's whole update in one kernel for all parameters, on the CPU and on CUDA, and the
+    # one torch SGD that also reads a tensor learning rate without a host sync (GraphedStep)
+    base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
+                           fused=True)
+    if cfg.opt == "sam":
+        return SAM(base, model, cfg.rho)
+    if cfg.opt == "imbsam":
+        return ImbSAM(base, model, cfg.rho)
+    if cfg.opt == "ssesam":
+        return SSESAM(base, model, cfg.head_rho, cfg.tail_rho, cfg.gamma, cfg.epochs)
+    return base
+
+
+def lr_at(epoch: int, cfg: "Config") -> float:
+    """Cosine to 0, stepped before each epoch as the official code does: lr * (1 + cos(pi (e+1) / T)) / 2.
+    So the last epoch trains at lr 0 and only refreshes BN statistics."""
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / cfg.epochs))
+
+
+def set_lr(opt, lr: float):
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)  # in place: a recorded CUDA graph reads this very tensor
+        else:
+            group["lr"] = lr
+
+
+def train_one_epoch(model, criterion, opt, step, xs, ys, is_tail, batch_size, imbsam_weight="group",
+                    progress=None):
+    """One pass over the shuffled epoch (xs, ys), a step per batch of B (the last may be shorter).
+    Returns the per-step loss sums and the count of correct predictions at w as device tensors,
+    which the caller reads once per epoch: a read per step would stall a GPU every step."""
+    model.train()
+    N, B = len(ys), batch_size
+    step_loss = torch.zeros(math.ceil(N / B), device=ys.device)
+    correct = torch.zeros((), device=ys.device)
+    for s, i in enumerate(range(0, N, B)):
+        xb, yb = xs[i:i + B], ys[i:i + B]
+        logits, loss_i = step(model, criterion, opt, xb, yb, is_tail[yb], imbsam_weight)
+        step_loss[s] = loss_i.sum()
+        correct += (logits.argmax(1) == yb).sum()
+        if progress is not None:
+            progress(s + 1, len(step_loss))
+    if isinstance(opt, _Climb):
+        opt.end_epoch()
+    return step_loss, correct
+
+
+class ProgressLine:
+    """One terminal line rewritten in place: step k/n, seconds per step, time left in the epoch.
+    It reads only the host clock, never the device: on a GPU the host runs ahead by at most the
+    queue of launched kernels, so once that is full the rate is the device's."""
+
+    def __init__(self, epoch, epochs):
+        self.label, self.t0, self.shown = f"epoch {epoch}/{epochs}", time.time(), 0.0
+
+    def __call__(self, k, n):
+        now = time.time()
+        if now - self.shown >= 0.5 or k == n:
+            self.shown, rate = now, (now - self.t0) / k
+            sys.stdout.write(f"\r{self.label} step {k}/{n} {rate:.2f} s/step, "
+                             f"{rate * (n - k):.0f} s left\033[K")
+            sys.stdout.flush()
+
+    @staticmethod
+    def clear():
+        sys.stdout.write("\r\033[K")
+
+
+def run_epoch(cfg: "Config", epoch, model, criterion, opt, step, x_pad, y, is_tail, fmt, progress):
+    """Epoch `epoch` (0-indexed): its lr and DRW weights, one pass over freshly augmented data.
+    Returns its log row; raises Diverged if the training loss turned non-finite."""
+    lr = lr_at(epoch, cfg)
+    set_lr(opt, lr)
+    if cfg.drw_epoch is not None:
+        criterion.set_drw(epoch >= cfg.drw_epoch)
+    rho_h, rho_t = opt.rhos if isinstance(opt, _Climb) else (0.0, 0.0)  # read before end_epoch()
+    xs, ys = shuffled_epoch(x_pad, y, fmt)  # the whole epoch at once, on the device
+    step_loss, correct = train_one_epoch(model, criterion, opt, step, xs, ys, is_tail,
+                                         cfg.batch_size, cfg.imbsam_weight, progress)
+    loss, train_acc = step_loss.sum().item() / len(ys), correct.item() / len(ys) * 100
+    if not math.isfinite(loss):
+        bad = (~torch.isfinite(step_loss)).nonzero()
+        where = f"step {int(bad[0]) + 1} of {len(step_loss)}" if len(bad) else "its loss sum overflowed"
+        raise Diverged(f"non-finite training loss at epoch {epoch + 1}, {where} (lr {lr:.3g})")
+    return {"epoch": epoch + 1, "lr": lr, "rho_head": rho_h, "rho_tail": rho_t, "loss": loss,
+            "train_acc": train_acc}
+
+
+def _fmt(v):
+    return "  -- " if v is None else f"{v:5.1f}"
+
+
+# --- The rolling checkpoint: everything the next epoch depends on, so a run continues bit for bit
+
+CKPT_FORMAT = "ssesam-minimal last.pt 2"
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived (raised by the handler main() installs)."""
+
+    def __init__(self, signum):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class Diverged(Exception):
+    """The training loss turned non-finite."""
+
+
+_SIGNAL = {"defer": False, "pending": None}  # while last.pt is written, a signal waits
+
+
+def _on_signal(signum, frame):
+    if _SIGNAL["defer"]:
+        _SIGNAL["pending"] = signum
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT / SIGTERM (as main() handles them) take effect only after the block: a Ctrl-C while
+    last.pt is written lets the epoch just finished reach the disk."""
+    _SIGNAL.update(defer=True, pending=None)
+    try:
+        yield
+    finally:
+        _SIGNAL["defer"] = False
+    if _SIGNAL["pending"] is not None:
+        raise Interrupted(_SIGNAL["pending"])
+
+
+def _atomic_write(path, data):
+    """Write data (str: as text, else torch.save) to path.tmp, then rename it over path: whatever
+    happens meanwhile, path holds either the old file or the whole new one."""
+    tmp = path + ".tmp"
+    try:
+        if isinstance(data, str):
+            with open(tmp, "w") as fh:
+                fh.write(data)
+        else:
+            torch.save(data, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _checkpoint(cfg, epoch, model, opt, criterion, history, best, seconds, device):
+    """last.pt's content after `epoch` finished epochs."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "format": CKPT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": epoch,
+        "model": model.state_dict(),          # weights and BN running statistics
+        "optimizer": opt.state_dict(),        # SGD momentum buffers (and SSE-SAM's epoch counter)
+        "criterion": criterion.state_dict(),  # DRW class weights
+        "rng": {"torch": torch.get_rng_state(),
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                          float(gauss)],
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        "history": history, "best": best, "seconds": seconds,
+    }
+
+
+def _restore(ckpt, model, opt, criterion, device, path):
+    """Load a checkpoint into the live objects; returns (history, best, epochs done, seconds)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        criterion.load_state_dict(ckpt["criterion"])
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        kind, keys, *rest = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        if device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        return ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["seconds"]
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{path} does not fit this run ({type(e).__name__}); delete it to start afresh")
+
+
+def train(cfg: "Config", data, device, log=print, ckpt_path=None, resume=None, progress=None):
+    """Train per cfg on (x, y, x_test, y_test, counts, n_max); returns (model, summary dict).
+    ckpt_path: keep the rolling checkpoint there; resume: a checkpoint (dict) to continue from;
+    progress: an updating line per step (default: when log is print and stdout a terminal)."""
+    x, y, x_test, y_test, counts, n_max = data
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    amp = device.type == "cuda"  # bf16 autocast on CUDA; fp32 weights and optimizer maths
+    if amp:
+        torch.backends.cudnn.benchmark = True  # time the convolution kernels once per shape
+    # channels_last stores (N, C, H, W) as N, H, W, C, the layout the convolution kernels prefer on
+    # CUDA and on the CPU alike; the maths is the same
+    fmt = torch.channels_last
+    model, criterion = make_model_and_criterion(cfg, counts, device, fmt)
+    opt = make_optimizer(cfg, model)
+    history, best, done, seconds = [], None, 0, 0.0
+    if resume is not None:  # after the model's init, which draws from the RNG the checkpoint restores
+        history, best, done, seconds = _restore(resume, model, opt, criterion, device, ckpt_path)
+    step = GraphedStep(STEPS[cfg.opt], model, opt) if cfg.cuda_graph else STEPS[cfg.opt]
+    is_tail = torch.tensor([n < cfg.eta for n in counts], device=device)  # tail iff n_c < eta
+    x_pad = F.pad(x, (PAD,) * 4).to(device)   # (N, 3, 40, 40) uint8, zero padding as RandomCrop's
+    y, x_test, y_test = y.to(device), x_test.to(device), y_test.to(device)
+    show = (log is print and sys.stdout.isatty()) if progress is None else progress
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{cfg.dataset} IF {cfg.imb_factor:g}: {len(y)} train images, {len(counts)} classes, "
+        f"{int(is_tail.sum())} tail (n < {cfg.eta}); {cfg.arch} {n_params / 1e6:.2f} M params; "
+        f"{cfg.opt} + {cfg.loss}; device {device}" + (", CUDA graphs" if cfg.cuda_graph else "")
+        + (f"; resumed after epoch {done}" if done else ""))
+    t_start, saved, epoch = time.time() - seconds, done, done
+    try:
+        for epoch in range(done, cfg.epochs):
+            t0, bar = time.time(), ProgressLine(epoch + 1, cfg.epochs) if show else None
+            row = run_epoch(cfg, epoch, model, criterion, opt, step, x_pad, y, is_tail, fmt, bar)
+            last = epoch == cfg.epochs - 1
+            if (epoch + 1) % cfg.print_freq == 0 or last:
+                row.update(evaluate(model, x_test, y_test, counts, n_max, cfg.test_batch_size, amp))
+                best = row if best is None or row["avg"] > best["avg"] else best
+            row["seconds"] = time.time() - t0
+            history.append(row)
+            if ckpt_path is not None and ((epoch + 1) % cfg.save_every == 0 or last):
+                with _signals_deferred():
+                    _atomic_write(ckpt_path, _checkpoint(cfg, epoch + 1, model, opt, criterion,
+                                                         history, best, time.time() - t_start, device))
+                    saved = epoch + 1
+            if bar is not None:
+                bar.clear()
+            log(_epoch_line(cfg, row, (time.time() - t_start) / (epoch + 1) * (cfg.epochs - epoch - 1)))
+    except (Interrupted, Diverged) as e:  # an unfinished epoch is dropped, never saved
+        if ckpt_path is None:
+            note = "nothing saved (no --out)"
+        elif saved == 0:
+            note = "no epoch saved yet"
+        else:
+            note = f"{ckpt_path} holds epoch {saved} of {cfg.epochs}; continue with --resume"
+        where = ""
+        if isinstance(e, Interrupted):
+            where = f" after epoch {saved}" if saved == epoch + 1 else f" during epoch {epoch + 1}"
+        e.args = (f"{e}{where}; {note}",)
+        raise
+    return model, _summary(cfg, history, best, device, n_params, time.time() - t_start)
+
+
+def _epoch_line(cfg, row, seconds_left):
+    test = " ".join(f"{k} {_fmt(row[k])}" for k in ("avg", "many", "med", "few")) if "avg" in row else " --"
+    return (f"epoch {row['epoch']:3d}/{cfg.epochs} lr {row['lr']:.5f} rho_h {row['rho_head']:.3f} "
+            f"rho_t {row['rho_tail']:.3f} loss {row['loss']:.4f} train {row['train_acc']:5.1f} | "
+            f"test {test} | {row['seconds']:.1f}s eta {seconds_left / 60:.1f}m")
+
+
+def _summary(cfg, history, best, device, n_params, seconds):
+    keys = ("epoch", "avg", "many", "med", "few", "avg_tta", "many_tta", "med_tta", "few_tta")
+    return {
+        "config": dataclasses.asdict(cfg),
+        "final": {k: history[-1][k] for k in keys},
+        "best": {k: best[k] for k in keys},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "params": n_params,
+        "seconds": seconds,
+        "history": history,
+    }
 
 
 # =============================================================================================
@@ -936,9 +1208,115 @@ def saddle_analysis(model, criterion, x, y, counts, eta, max_images=None, seed=0
     return out
 
 
+
+
 # =============================================================================================
-# Training
+# Command line: the settings (one dataclass, from which the flags are made), checks, main()
 # =============================================================================================
+
+OPTS = ("sgd", "sam", "imbsam", "ssesam")
+LOSSES = ("CE", "LDAM", "LA", "VA", "VS")  # VA: the seed README's spelling of LA
+DATASETS = ("cifar10", "cifar100", "synthetic")
+
+
+def _arg(default, help, choices=None):
+    """A dataclass field that also carries its --help text (the CLI is built from these)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass
+class Config:
+    # data
+    dataset: str = _arg("cifar100", "data set", DATASETS)
+    data_dir: str = _arg("./datasets", "folder holding (or receiving) the CIFAR python files")
+    imb_factor: float = _arg(100.0, "imbalance factor IF = n_max / n_min (>= 1; 100, not 0.01)")
+    subset_seed: Optional[int] = _arg(None, "shuffle each class with this seed before taking its "
+                                            "first n_i images (LDAM-DRW); None: file order")
+    # model and loss
+    arch: str = _arg("resnet32", "network; resnet34 is the official code's backbone", ARCHS)
+    loss: str = _arg("CE", "per-sample loss", LOSSES)
+    tau: float = _arg(0.75, "LA/VS: weight of the additive log-prior tau * log(pi_c)")
+    vs_gamma: float = _arg(0.05, "VS: multiplicative scale (n_c / n_max)^vs_gamma")
+    ldam_max_m: float = _arg(0.5, "LDAM: margin of the rarest class")
+    ldam_s: float = _arg(30.0, "LDAM: logit scale s")
+    drw_epoch: Optional[int] = _arg(None, "deferred re-weighting (beta 0.9999) from this 0-indexed "
+                                          "epoch on; None: off")
+    # optimizer
+    opt: str = _arg("ssesam", "optimizer", OPTS)
+    rho: float = _arg(0.05, "SAM / ImbSAM: perturbation radius rho")
+    head_rho: float = _arg(0.05, "SSE-SAM: rho_head, radius for the head classes until the switch")
+    tail_rho: float = _arg(0.10, "SSE-SAM: rho_tail, radius for the tail classes (constant)")
+    gamma: float = _arg(0.70, "SSE-SAM: rho_head = 0 after the first gamma * epochs epochs; "
+                              "0 <= gamma < 1")
+    eta: int = _arg(100, "ImbSAM / SSE-SAM: a class is tail iff its training count < eta")
+    imbsam_weight: str = _arg("group", "ImbSAM: 'group' divides each group's loss by its size in "
+                                       "the batch (official baseline), 'batch' by B", ("group", "batch"))
+    # schedule
+    epochs: int = _arg(200, "training epochs T")
+    batch_size: int = _arg(64, "training batch size B")
+    lr: float = _arg(0.01, "SGD learning rate, cosine-annealed to 0 per epoch")
+    momentum: float = _arg(0.9, "SGD momentum")
+    wd: float = _arg(1e-3, "SGD weight decay")
+    seed: int = _arg(9826, "seed for torch and numpy (the official default)")
+    # run
+    gpu: Optional[int] = _arg(None, "CUDA device index (falls back to CPU with a warning when the "
+                                    "machine has no CUDA)")
+    device: str = _arg("auto", "auto, cpu, cuda or cuda:N (--gpu wins when given)")
+    cuda_graph: bool = _arg(False, "record each training step as a CUDA graph and replay it (on the "
+                                   "CPU: the same static-buffer step, run eagerly); not yet checked "
+                                   "on a GPU, hence off by default")
+    print_freq: int = _arg(1, "evaluate on the test set every this many epochs (and at the last)")
+    test_batch_size: int = _arg(1000, "evaluation batch size")
+    out: Optional[str] = _arg(None, "folder for metrics.jsonl, summary.json, model.pt and the "
+                                    "rolling checkpoint last.pt")
+    save_every: int = _arg(1, "with --out: write last.pt every this many epochs (and at the last)")
+    resume: bool = _arg(False, "continue the run whose last.pt is in --out (same settings)")
+
+
+# settings a --resume may change: where the run happens and how often it reports, not what it computes
+RUN_ONLY = ("data_dir", "gpu", "device", "cuda_graph", "print_freq", "test_batch_size", "out",
+            "save_every", "resume")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI, derived field by field from Config so that each setting is declared once."""
+    p = _Parser(prog="ssesam_minimal.py", description="SSE-SAM on long-tailed CIFAR.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type is bool:  # a switch: never type=bool (argparse would read "False" as true)
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            p.add_argument(f"--{f.name}", action=action, default=f.default, help=f.metadata["help"])
+            continue
+        typ = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)  # Optional[X] -> X
+        p.add_argument(f"--{f.name}", type=typ, default=f.default,
+                       choices=f.metadata["choices"], help=f.metadata["help"])
+    return p
+
+
+def check_config(cfg: Config) -> None:
+    """Reject settings that would run but mean nothing, each with one line that says why."""
+    if not cfg.imb_factor >= 1:
+        raise UsageError(f"--imb_factor must be >= 1 (the ratio n_max / n_min), got {cfg.imb_factor}"
+                         + ("; 0.01 means 100 here" if 0 < cfg.imb_factor < 1 else ""))
+    if not 0 <= cfg.gamma < 1:
+        raise UsageError(f"--gamma must lie in [0, 1), got {cfg.gamma}")
+    for name in ("rho", "head_rho", "tail_rho", "lr", "momentum", "wd", "tau", "vs_gamma",
+                 "ldam_max_m", "ldam_s"):
+        if not getattr(cfg, name) >= 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("eta", "epochs", "batch_size", "print_freq", "test_batch_size", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.drw_epoch is not None and cfg.drw_epoch < 0:
+        raise UsageError(f"--drw_epoch must be >= 0, got {cfg.drw_epoch}")
+    if cfg.resume and cfg.out is None:
+        raise UsageError("--resume needs --out: the folder whose last.pt it continues")
+
 
 def resolve_device(cfg: Config) -> torch.device:
     if cfg.gpu is not None:
@@ -963,85 +1341,6 @@ def resolve_device(cfg: Config) -> torch.device:
     return dev
 
 
-def _fmt(v):
-    return "  -- " if v is None else f"{v:5.1f}"
-
-
-# --- The rolling checkpoint: everything the next epoch depends on, so a run continues bit for bit
-
-CKPT_FORMAT = "ssesam-minimal last.pt 1"
-# settings a --resume may change: where the run happens and how often it reports, not what it computes
-RUN_ONLY = ("data_dir", "gpu", "device", "print_freq", "test_batch_size", "out", "save_every", "resume",
-            "bench")
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived (raised by the handler main() installs)."""
-
-    def __init__(self, signum):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-class Diverged(Exception):
-    """The training loss turned non-finite."""
-
-
-def _on_signal(signum, frame):
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the checkpoint write short
-    raise Interrupted(signum)
-
-
-def _atomic_write(path, data):
-    """Write data (str: as text, else torch.save) to path.tmp, then rename it over path: whatever
-    happens meanwhile, path holds either the old file or the whole new one."""
-    tmp = path + ".tmp"
-    try:
-        if isinstance(data, str):
-            with open(tmp, "w") as fh:
-                fh.write(data)
-        else:
-            torch.save(data, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _checkpoint(cfg, epoch, model, opt, criterion, history, best, seconds, device):
-    """last.pt's content after `epoch` finished epochs. Its tensors share memory with the live ones."""
-    base = opt.optimizer if isinstance(opt, _Climb) else opt
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "format": CKPT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": epoch,
-        "model": model.state_dict(),          # weights and BN running statistics
-        "optimizer": base.state_dict(),       # SGD momentum buffers
-        "criterion": criterion.state_dict(),  # DRW class weights
-        "ssesam": ({"k": opt.k, "head_rho": opt.head_rho, "tail_rho": opt.tail_rho}
-                   if isinstance(opt, SSESAM) else None),  # the stage counter, and the rho it implies
-        "rng": {"torch": torch.get_rng_state(),
-                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                          float(gauss)],
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        "history": history, "best": best, "seconds": seconds,
-    }
-
-
-def _restore(ckpt, model, opt, criterion, device):
-    model.load_state_dict(ckpt["model"])
-    (opt.optimizer if isinstance(opt, _Climb) else opt).load_state_dict(ckpt["optimizer"])
-    criterion.load_state_dict(ckpt["criterion"])
-    if isinstance(opt, SSESAM):
-        opt.k = ckpt["ssesam"]["k"]
-    rng = ckpt["rng"]
-    torch.set_rng_state(rng["torch"])
-    kind, keys, *rest = rng["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if device.type == "cuda" and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"], device)
-
-
 def load_checkpoint(path: str) -> dict:
     """Read last.pt (tensors and plain Python only), or say in one line what is wrong with it."""
     try:
@@ -1062,370 +1361,12 @@ def config_diff(saved: dict, cfg: Config) -> list:
             if k not in RUN_ONLY and now.get(k, absent) != saved.get(k, absent)]
 
 
-def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None):
-    """Train per cfg on (x, y, x_test, y_test, counts, n_max); returns (model, summary dict).
-    ckpt_path: keep the rolling checkpoint there; resume: a checkpoint (dict) to continue from."""
-    x, y, x_test, y_test, counts, n_max = data
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    amp = device.type == "cuda"  # bf16 autocast on CUDA; fp32 weights and optimizer maths
-    if amp:
-        torch.backends.cudnn.benchmark = True
-    # channels_last stores (N, C, H, W) as N, H, W, C, the layout the convolution kernels prefer on
-    # CUDA and on the CPU alike (README.md, Speed, has the measured gain); the maths is the same
-    fmt = torch.channels_last
-    model, criterion = make_model_and_criterion(cfg, counts, device, fmt)
-    opt = make_optimizer(cfg, model)
-    step = STEPS[cfg.opt]
-    is_tail = torch.tensor([n < cfg.eta for n in counts], device=device)  # tail iff n_c < eta
-    x_pad = F.pad(x, (PAD,) * 4).to(device)   # (N, 3, 40, 40) uint8, zero padding as RandomCrop's
-    y, x_test, y_test = y.to(device), x_test.to(device), y_test.to(device)
-    N, B = len(y), cfg.batch_size
-    n_steps = math.ceil(N / B)
-    n_params = sum(p.numel() for p in model.parameters())
-    history, best, done, seconds = [], None, 0, 0.0
-    if resume is not None:  # after the model's init, which draws from the RNG the checkpoint restores
-        try:
-            _restore(resume, model, opt, criterion, device)
-            history, best, done, seconds = (resume["history"], resume["best"], resume["epoch"],
-                                            resume["seconds"])
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-            raise UsageError(f"{ckpt_path} does not fit this run ({type(e).__name__}); delete it to "
-                             f"start afresh")
-    t_start = time.time() - seconds
-    log(f"{cfg.dataset} IF {cfg.imb_factor:g}: {N} train images, {len(counts)} classes, "
-        f"{int(is_tail.sum())} tail (n < {cfg.eta}); {cfg.arch} "
-        f"{n_params / 1e6:.2f} M params; {cfg.opt} + {cfg.loss}; "
-        f"device {device}" + (f"; resumed after epoch {done}" if done else ""))
-    pending, saved = None, done  # pending: the newest finished epoch's checkpoint, not yet on disk
-    between = done or None  # set while the live state is exactly that of the epoch just finished
-    try:
-        for epoch in range(done, cfg.epochs):
-            between = None
-            t0 = time.time()
-            lr = lr_at(epoch, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            if cfg.drw_epoch is not None:
-                criterion.set_drw(epoch >= cfg.drw_epoch)
-            if cfg.opt == "ssesam":
-                rho_h, rho_t = opt.head_rho, opt.tail_rho
-            else:  # SAM perturbs the whole batch, ImbSAM the tail only
-                rho_h, rho_t = {"sgd": (0.0, 0.0), "sam": (cfg.rho, cfg.rho), "imbsam": (0.0, cfg.rho)}[cfg.opt]
-            xs, ys = shuffled_epoch(x_pad, y, fmt)  # the whole epoch at once, on the device
-            # metrics stay on the device, read once per epoch: no host-device sync per step
-            step_loss = torch.zeros(n_steps, device=device)  # per-step loss sums
-            correct = torch.zeros((), device=device)
-            model.train()
-            for s, i in enumerate(range(0, N, B)):
-                xb, yb = xs[i:i + B], ys[i:i + B]
-                logits, loss_i = step(model, criterion, opt, xb, yb, is_tail[yb], cfg.imbsam_weight)
-                step_loss[s] = loss_i.sum()
-                correct += (logits.argmax(1) == yb).sum()
-            if cfg.opt == "ssesam":
-                opt.update_rho()
-            loss, train_acc = step_loss.sum().item() / N, correct.item() / N * 100
-            if not math.isfinite(loss):  # this epoch's weights are not kept: last.pt stays as it is
-                bad = (~torch.isfinite(step_loss)).nonzero()
-                where = f"step {int(bad[0]) + 1} of {n_steps}" if len(bad) else "its loss sum overflowed"
-                raise Diverged(f"non-finite training loss at epoch {epoch + 1}, {where} (lr {lr:.3g})")
-            row = {"epoch": epoch + 1, "lr": lr, "rho_head": rho_h, "rho_tail": rho_t, "loss": loss,
-                   "train_acc": train_acc}
-            last = epoch == cfg.epochs - 1
-            if (epoch + 1) % cfg.print_freq == 0 or last:
-                row.update(evaluate(model, x_test, y_test, counts, n_max, cfg.test_batch_size, amp))
-                if best is None or row["avg"] > best["avg"]:
-                    best = row
-            row["seconds"] = time.time() - t0
-            history.append(row)
-            between = epoch + 1
-            eta_s = (time.time() - t_start) / (epoch + 1) * (cfg.epochs - epoch - 1)
-            test = (f"test avg {_fmt(row['avg'])} many {_fmt(row['many'])} med {_fmt(row['med'])} "
-                    f"few {_fmt(row['few'])}" if "avg" in row else "test  --")
-            log(f"epoch {epoch + 1:3d}/{cfg.epochs} lr {lr:.5f} rho_h {rho_h:.3f} rho_t {rho_t:.3f} "
-                f"loss {loss:.4f} train {train_acc:5.1f} | {test} | {row['seconds']:.1f}s "
-                f"eta {eta_s / 60:.1f}m")
-            if ckpt_path is not None:
-                pending = _checkpoint(cfg, epoch + 1, model, opt, criterion, history, best,
-                                      time.time() - t_start, device)
-                if (epoch + 1) % cfg.save_every == 0 or last:
-                    _atomic_write(ckpt_path, pending)
-                    pending, saved = None, epoch + 1
-                else:  # keep a copy: training goes on in the tensors the checkpoint points at
-                    pending = copy.deepcopy(pending)
-    except (Interrupted, Diverged) as e:
-        if ckpt_path is not None and between is not None and between > saved:  # stopped between
-            pending = _checkpoint(cfg, between, model, opt, criterion, history, best,  # epochs
-                                  time.time() - t_start, device)
-        if pending is not None:  # the newest finished epoch, not yet on disk
-            _atomic_write(ckpt_path, pending)
-            saved = pending["epoch"]
-        if ckpt_path is None:
-            note = "nothing saved (no --out)"
-        elif saved == 0:
-            note = "no epoch finished, nothing saved"
-        else:
-            note = f"{ckpt_path} holds epoch {saved} of {cfg.epochs}; continue with --resume"
-        where = ""
-        if isinstance(e, Interrupted):  # between two epochs, or inside one
-            where = f" after epoch {between}" if between is not None else f" during epoch {len(history) + 1}"
-        e.args = (f"{e}{where}; {note}",)
-        raise
-    final = history[-1]
-    keys = ("epoch", "avg", "many", "med", "few", "avg_tta", "many_tta", "med_tta", "few_tta")
-    summary = {
-        "config": dataclasses.asdict(cfg),
-        "final": {k: final[k] for k in keys},
-        "best": {k: best[k] for k in keys},
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "params": n_params,
-        "seconds": time.time() - t_start,
-        "history": history,
-    }
-    return model, summary
-
-
-# =============================================================================================
-# Benchmark (--bench): the cost of one training step and of one epoch of augmentation
-# =============================================================================================
-#
-# Each optimizer's step and, as the baseline, the official SSE-SAM step run on copies of one
-# network and on one batch of random images whose labels follow the long-tailed counts (so the
-# head/tail split is the real one). No data set is read.
-
-class OfficialSSESAM:
-    """BASELINE for --bench only, never used for training: the official SSESAM's bookkeeping. A
-    Python loop over the parameters for every operation; eps and the gradient sum kept per
-    parameter and made anew every step; w restored by subtracting eps; zero_grad() drops every
-    .grad, so each backward allocates new ones. Same update as SSESAM up to rounding (tested)."""
-
-    def __init__(self, optimizer, model, head_rho, tail_rho):
-        self.optimizer, self.model, self.rho_is, self.state = optimizer, model, [head_rho, tail_rho], {}
-
-    @torch.no_grad()
-    def compute_and_add_epsilon(self, n_i):
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.norm(torch.stack([torch.norm(p.grad) for p in params])) + 1e-16
-        for p in params:
-            state = self.state.setdefault(p, {})
-            if "eps" not in state:
-                state["eps"] = p.detach().clone()
-            state["eps"].copy_(p.grad).mul_(self.rho_is[n_i] / norm)  # rho / norm redone per tensor
-            p.add_(state["eps"])
-        self.optimizer.zero_grad()
-
-    @torch.no_grad()
-    def compute_grad_sum_and_restore_p(self):
-        for p in self.model.parameters():
-            if p.grad is not None:
-                state = self.state[p]
-                state["G"] = state["G"].add_(p.grad) if "G" in state else p.grad.clone()
-                p.sub_(state["eps"])  # w + eps - eps: w up to rounding
-        self.optimizer.zero_grad()
-
-    @torch.no_grad()
-    def update(self):
-        for p in self.model.parameters():
-            p.grad = self.state[p]["G"].clone()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self.state.clear()
-
-
-def official_ssesam_step(model, criterion, opt, x, y, tail):
-    """BASELINE: the official training step, 4F+4B in the seed README's order. Every forward
-    updates the BN running statistics, boolean indexing cuts out each group (shapes vary from
-    batch to batch), every backward retains its graph, and the logged loss costs one .item() (a
-    host-device sync) per step. The official loop's other logging (softmax, argmax, two .cpu()
-    copies, two .item()) is left out."""
-    B = len(y)
-    loss_i = criterion(model(x), y)                                             # F1 at w
-    (loss_i[~tail].sum() / B).backward(retain_graph=True)                       # B1
-    opt.compute_and_add_epsilon(0)                                              # w + eps_head
-    head_loss = criterion(model(x)[~tail], y[~tail]).sum() / B                  # F2
-    head_loss.backward(retain_graph=True)                                       # B2
-    opt.compute_grad_sum_and_restore_p()                                        # back to w
-    (criterion(model(x)[tail], y[tail]).sum() / B).backward(retain_graph=True)  # F3, B3 at w again
-    opt.compute_and_add_epsilon(1)                                              # w + eps_tail
-    tail_loss = criterion(model(x)[tail], y[tail]).sum() / B                    # F4
-    tail_loss.backward(retain_graph=True)                                       # B4
-    opt.compute_grad_sum_and_restore_p()                                        # back to w
-    opt.update()
-    return (head_loss + tail_loss).item()
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten operators dispatched while active (a composite operator counts as the ones
-    it runs). `own`: those dispatched neither inside a forward of the network or the loss (depth
-    > 0, kept by hooks) nor by autograd in a backward (no autograd node running), i.e. the ones
-    the step adds itself: head/tail split, climb, restore, update, logging."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = self.own = self.depth = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "aten":
-            self.ops += 1
-            self.own += self.depth == 0 and torch._C._current_autograd_node() is None
-        return func(*args, **(kwargs or {}))
-
-
-def count_step(step, model, criterion):
-    """Run step() once: (forwards of model, backwards, aten ops, own aten ops). A backward is
-    counted by a hook on the first parameter (the stem), which every backward reaches."""
-    counter, n = OpCounter(), {"F": 0, "B": 0}
-
-    def enter(module, args):
-        counter.depth += 1
-        n["F"] += module is model
-
-    def leave(module, args, out):
-        counter.depth -= 1
-
-    hooks = [h for m in (model, criterion)
-             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    hooks.append(next(model.parameters()).register_hook(lambda g: n.update(B=n["B"] + 1)))
-    try:
-        with counter:
-            step()
-    finally:
-        for h in hooks:
-            h.remove()
-    return n["F"], n["B"], counter.ops, counter.own
-
-
-def time_ms(fn, calls, device):
-    """Milliseconds per call of fn: CUDA events on a GPU, perf_counter on the CPU."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if cuda:
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / calls
-    return (time.perf_counter() - t0) * 1000 / calls
-
-
-class PILImages(torch.utils.data.Dataset):
-    """The official data path: uint8 HWC arrays, each made a PIL image, then transformed."""
-
-    def __init__(self, x, y, transform):
-        self.x, self.y, self.transform = x.permute(0, 2, 3, 1).numpy(), y.tolist(), transform
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.transform(torchvision.transforms.functional.to_pil_image(self.x[i])), self.y[i]
-
-
-def bench(cfg: Config, counts, device, repeats=5, steps=3, log=print) -> dict:
-    """Time and count one step of each optimizer and of the official baseline, and one epoch of
-    augmentation against the official DataLoader; print the table, return its rows. Times are
-    medians over `repeats` rounds; each round runs every row in turn (`steps` steps, or one
-    epoch), so that background load hits all rows alike."""
-    torch.manual_seed(cfg.seed)
-    amp = device.type == "cuda"  # ours as in train(): channels_last, and bf16 autocast on CUDA
-    if amp:
-        torch.backends.cudnn.benchmark = True
-    fmt = torch.channels_last
-    y_all = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))  # (N,)
-    x_all = torch.randint(0, 256, (len(y_all), 3, 32, 32), dtype=torch.uint8)        # (N, 3, 32, 32)
-    pick = torch.randperm(len(y_all))[:cfg.batch_size]
-    x, y = normalize(x_all[pick]).to(device), y_all[pick].to(device)
-    tail = torch.tensor([n < cfg.eta for n in counts], device=device)[y]
-    model0, criterion = make_model_and_criterion(cfg, counts, device)  # copied for every row
-
-    def make(name):  # a copy of the network, its optimizer, and one step as a closure
-        if name == "official ssesam":  # fp32, default memory format, SGD's default implementation
-            model = copy.deepcopy(model0).to(device)
-            base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.wd)
-            opt = OfficialSSESAM(base, model, cfg.head_rho, cfg.tail_rho)
-            return model, lambda: official_ssesam_step(model, criterion, opt, x, y, tail)
-        # the contiguous row shows what channels_last buys
-        layout = torch.contiguous_format if name.endswith("contiguous") else fmt
-        model = copy.deepcopy(model0).to(device, memory_format=layout)
-        opt_name, xf = name.split()[0], x.contiguous(memory_format=layout)
-        opt = make_optimizer(dataclasses.replace(cfg, opt=opt_name), model)
-        for _ in range(opt.cut if name.endswith("after the switch") else 0):
-            opt.update_rho()
-        return model, lambda: STEPS[opt_name](model, criterion, opt, xf, y, tail, cfg.imbsam_weight)
-
-    rows, fns = {}, {}
-    for name in ("sgd", "sam", "imbsam", "ssesam before the switch", "ssesam after the switch",
-                 "ssesam before the switch, contiguous", "official ssesam"):
-        model, fns[name] = make(name)
-        for _ in range(2):  # warm-up: momentum buffers, allocator, cudnn autotuning
-            fns[name]()
-        f, b, ops, own = count_step(fns[name], model, criterion)
-        rows[name] = {"passes": f"{f}F+{b}B", "forwards": f, "backwards": b, "ops": ops, "own_ops": own}
-    # one epoch of augmentation: ours (whole epoch at once, on the device) against a DataLoader of
-    # PIL images with the official transforms, batch size and number of workers
-    workers, tf = (os.cpu_count() or 1) // 4, torchvision.transforms
-    official_tf = tf.Compose([tf.RandomCrop(32, padding=PAD), tf.RandomHorizontalFlip(), tf.ToTensor(),
-                              tf.Normalize(MEAN, STD)])
-    loader = torch.utils.data.DataLoader(PILImages(x_all, y_all, official_tf), batch_size=cfg.batch_size,
-                                         shuffle=True, num_workers=workers)
-    x_pad, y_dev = F.pad(x_all, (PAD,) * 4).to(device), y_all.to(device)
-    fns["augmentation, ours"] = lambda: shuffled_epoch(x_pad, y_dev, fmt)
-    fns["augmentation, official"] = lambda: [(xb.to(device), yb.to(device)) for xb, yb in loader]
-    for name in ("augmentation, ours", "augmentation, official"):
-        fns[name]()  # warm-up
-        rows[name] = {"images": len(y_all), "workers": workers if name.endswith("official") else None}
-    ms = {name: [] for name in fns}
-    for i in range(repeats):
-        for name in list(fns)[::1 if i % 2 == 0 else -1]:  # every other round reversed: no row always first
-            ms[name].append(time_ms(fns[name], 1 if name.startswith("augmentation") else steps, device))
-    for name, r in rows.items():
-        r["ms"], r["median_ms"] = ms[name], float(np.median(ms[name]))
-        r["spread"] = (max(ms[name]) - min(ms[name])) / r["median_ms"]  # (max - min) / median
-    ref, ref_aug = rows["official ssesam"], rows["augmentation, official"]
-    device_name = torch.cuda.get_device_name(device) if amp else f"cpu, {os.cpu_count()} cores"
-    n_tail = sum(n < cfg.eta for n in counts)
-    log(f"{device_name}, torch {torch.__version__}, torch threads {torch.get_num_threads()}; "
-        f"{cfg.arch}, batch {cfg.batch_size}, {cfg.dataset} IF {cfg.imb_factor:g} ({n_tail} of "
-        f"{len(counts)} classes tail); median of {repeats} rounds, spread = (max - min) / median\n")
-    log("| step | ms/step | spread | passes | aten ops | outside F/B | time / official "
-        "| ops / official | outside F/B / official |\n" + "|---" * 9 + "|")
-    for name, r in rows.items():
-        if "passes" in r:
-            log(f"| {name} | {r['median_ms']:.1f} | {r['spread']:.0%} | {r['passes']} | {r['ops']} "
-                f"| {r['own_ops']} | {r['median_ms'] / ref['median_ms']:.3f} "
-                f"| {r['ops'] / ref['ops']:.3f} | {r['own_ops'] / ref['own_ops']:.3f} |")
-    log(f"\n| one epoch of augmentation, {len(y_all)} images | ms | spread | time / official |\n"
-        + "|---" * 4 + "|")
-    for name, label in (("augmentation, ours", f"ours: shuffled_epoch() on the {device.type}"),
-                        ("augmentation, official", f"official: DataLoader, PIL transforms, {workers} "
-                         f"workers (os.cpu_count() // 4 = {os.cpu_count()} // 4)")):
-        r = rows[name]
-        log(f"| {label} | {r['median_ms']:.1f} | {r['spread']:.0%} "
-            f"| {r['median_ms'] / ref_aug['median_ms']:.3f} |")
-    return {"device": str(device), "device_name": device_name, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "repeats": repeats, "steps": steps,
-            "config": dataclasses.asdict(cfg), "rows": rows}
-
-
-# =============================================================================================
-# CLI
-# =============================================================================================
-
 def _prepare_out(cfg: Config):
     """Check --out before any work; return the checkpoint that --resume continues, else None."""
     if cfg.out is None:
         return None
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} exists and is not a folder")
-    if cfg.bench:  # writes bench.json only
-        return None
     path = os.path.join(cfg.out, "last.pt")
     if cfg.resume:
         if not os.path.isfile(path):
@@ -1448,8 +1389,7 @@ def _prepare_out(cfg: Config):
 
 
 def main(argv=None) -> dict:
-    """The CLI: parse, check, load, train, report, write --out. Returns the summary dict (with
-    --bench: the benchmark's, and nothing is trained).
+    """The CLI: parse, check, load, train, report, write --out. Returns the summary dict.
     Exit codes: 2 bad input, 1 non-finite loss, 128 + signal number when interrupted."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1461,12 +1401,6 @@ def main(argv=None) -> dict:
         check_config(cfg)
         device = resolve_device(cfg)
         resume = _prepare_out(cfg)
-        if cfg.bench:  # no training: the step costs, on random images
-            result = bench(cfg, data_counts(cfg)[0], device)
-            if cfg.out is not None:
-                os.makedirs(cfg.out, exist_ok=True)
-                _atomic_write(os.path.join(cfg.out, "bench.json"), json.dumps(result, indent=2))
-            return result
         data = load_data(cfg)
         if cfg.out is not None:
             os.makedirs(cfg.out, exist_ok=True)

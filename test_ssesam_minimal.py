@@ -741,6 +741,81 @@ def test_loss_va_is_accepted_and_trains_exactly_like_la(tmp_path):
 
 
 # =============================================================================================
+# 8b. The static-buffer step behind --cuda_graph; the progress line
+# =============================================================================================
+# On the CPU GraphedStep records nothing but does everything else it does on a GPU: static input
+# buffers, a tensor learning rate, zero momentum buffers made in advance, one variant per (batch
+# size, rho), warm-up steps and their undoing. Its weights must be the plain step's, bit for bit.
+
+def all_state(model, opt):
+    base = opt.optimizer if isinstance(opt, sm._Climb) else opt
+    return ([t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+            + [base.state[p]["momentum_buffer"].clone() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", sm.OPTS)
+def test_static_buffer_step_with_tensor_lr_gives_the_plain_steps_weights_bit_for_bit(name):
+    # 3 epochs of 45 images in batches of 16 (the last batch has 13), a new lr every epoch; SSE-SAM
+    # switches after epoch 2 (gamma 0.5, T 3), so it crosses the switch and the short batch twice
+    cfg = sm.Config(opt=name, lr=0.1, rho=0.05, head_rho=0.05, tail_rho=0.1, gamma=0.5, epochs=3,
+                    imbsam_weight="group")
+    crit = sm.LongTailLoss("CE", COUNTS)
+    is_tail = torch.tensor([n < ETA for n in COUNTS])
+    runs, calls = {}, []
+    for graphed in (False, True):
+        model = tiny_model(torch.float32)
+        opt = sm.make_optimizer(cfg, model)
+        step = sm.STEPS[name]
+        if graphed:
+            def counted(*a, **k):
+                calls.append(len(a[4]))
+                return sm.STEPS[name](*a, **k)
+            step = sm.GraphedStep(counted, model, opt, warmup=2)
+            assert all(torch.is_tensor(g["lr"]) for g in opt.param_groups)
+        states = []
+        g = torch.Generator().manual_seed(5)
+        for epoch in range(3):
+            sm.set_lr(opt, sm.lr_at(epoch, cfg) + 0.01)
+            xs = torch.randn(45, 3, 8, 8, generator=g)
+            ys = torch.randint(0, C, (45,), generator=g)
+            step_loss, correct = sm.train_one_epoch(model, crit, opt, step, xs, ys, is_tail, 16)
+            states.append((all_state(model, opt), step_loss, correct))
+        runs[graphed] = states, opt
+    for (plain, loss_a, correct_a), (static, loss_b, correct_b) in zip(runs[False][0], runs[True][0]):
+        assert all(torch.equal(a, b) for a, b in zip(plain, static))
+        assert torch.equal(loss_a, loss_b) and torch.equal(correct_a, correct_b)
+    # every variant was warmed up (and its training undone): 2 warm-up steps per variant, then 9 steps
+    variants = {(16,), (13,)} if name != "ssesam" else {(16, 1), (13, 1), (16, 2), (13, 2)}
+    assert len(calls) == 2 * len(variants) + 9
+    assert len(runs[True][1].param_groups) == 1 and float(runs[True][1].param_groups[0]["lr"]) > 0
+    if name == "ssesam":
+        assert runs[True][1].k == 3 and runs[True][1].head_rho == 0.0
+
+
+def test_cuda_graph_flag_on_the_cpu_trains_the_same_run_bit_for_bit(tmp_path):
+    args = RUN_ARGS + ["--gamma", "0.5", "--drw_epoch", "1", "--batch_size", "100"]  # 1 short batch
+    for flag in ([], ["--cuda_graph"]):
+        sm.main(args + flag + ["--out", str(tmp_path / str(len(flag)))])
+    a, b = run_outputs(tmp_path / "0"), run_outputs(tmp_path / "1")
+    assert_same_state(a[0], b[0])
+    assert a[1] == b[1] and {k: v for k, v in a[2].items() if k != "history"} == \
+        {k: v for k, v in b[2].items() if k != "history"}
+
+
+def test_progress_line_rewrites_one_line_and_only_on_a_terminal(monkeypatch, capsys):
+    bar = sm.ProgressLine(3, 10)
+    bar(1, 4)
+    bar(2, 4)  # within half a second of the first: not shown
+    bar(4, 4)  # the last step always is
+    out = capsys.readouterr().out
+    assert out.count("\r") == 2 and "\n" not in out
+    assert "epoch 3/10 step 1/4" in out and "step 4/4" in out and "0 s left" in out
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    sm.main(RUN_ARGS + ["--epochs", "1"])
+    assert "\r" not in capsys.readouterr().out  # a pipe or a log file: one line per epoch
+
+
+# =============================================================================================
 # 9. Checkpoint, resume, determinism, divergence
 # =============================================================================================
 
@@ -793,38 +868,39 @@ def steps_per_epoch(args):
     return math.ceil(len(sm.load_data(cfg)[1]) / cfg.batch_size)
 
 
-@pytest.mark.parametrize("save_every,when", [(1, "during"), (2, "during"), (2, "after")])
+@pytest.mark.parametrize("save_every,epoch,when", [(1, 2, "during"), (2, 3, "during"), (1, 2, "after")])
 def test_run_interrupted_and_resumed_ends_bitwise_like_the_straight_run(
-        straight_run, save_every, when, tmp_path, monkeypatch, capsys):
+        straight_run, save_every, epoch, when, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = RESUME_ARGS + ["--out", str(out), "--save_every", str(save_every)]
     n = steps_per_epoch(args)
-    if when == "during":  # in the 3rd step of epoch 2
-        calls = interrupt_at(monkeypatch, "ssesam", n + 3, signal.SIGTERM)
-    else:  # after epoch 1 finished, before its checkpoint was taken (not due with save_every 2)
+    if when == "during":  # in the 3rd step of the epoch
+        calls = interrupt_at(monkeypatch, "ssesam", (epoch - 1) * n + 3, signal.SIGTERM)
+    else:  # while the epoch's checkpoint is being made: the signal waits until it is written
         checkpoint, calls = sm._checkpoint, []
 
         def interrupted_checkpoint(*a):
             calls.append(1)
-            if len(calls) == 1:
+            if len(calls) == epoch:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return checkpoint(*a)  # reached on the 2nd call: the one that saves the interrupted run
+            return checkpoint(*a)
 
         monkeypatch.setattr(sm, "_checkpoint", interrupted_checkpoint)
     with pytest.raises(SystemExit) as exc:
         sm.main(args)
-    assert exc.value.code == 128 + signal.SIGTERM and len(calls) == (n + 3 if when == "during" else 2)
+    held = epoch - 1 if when == "during" else epoch  # save_every 2: epoch 2 is on disk, 1 never was
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert len(calls) == ((epoch - 1) * n + 3 if when == "during" else epoch)
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"ssesam_minimal.py: interrupted by SIGTERM {when} epoch {2 if when == 'during' else 1}; "
-                   f"{out / 'last.pt'} holds epoch 1 of 3; continue with --resume"]
-    # save_every 2: epoch 1 was not due, so the interruption wrote it; nothing half-written is left
-    assert sorted(os.listdir(out)) == ["last.pt"]
+    assert err == [f"ssesam_minimal.py: interrupted by SIGTERM {when} epoch {held if when == 'after' else epoch}; "
+                   f"{out / 'last.pt'} holds epoch {held} of 3; continue with --resume"]
+    assert sorted(os.listdir(out)) == ["last.pt"]  # nothing half-written is left
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the handlers back
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["ssesam"]["k"] == 1 and len(ckpt["history"]) == 1
+    assert ckpt["epoch"] == held and ckpt["optimizer"]["k"] == held and len(ckpt["history"]) == held
     # the same command without --resume must not overwrite the unfinished run
     line = expect_usage_exit(args, capsys)
-    assert "unfinished run (epoch 1 of 3)" in line and "--resume" in line
+    assert f"unfinished run (epoch {held} of 3)" in line and "--resume" in line
     monkeypatch.undo()
     sm.main(args + ["--resume"])
     a, b = run_outputs(straight_run), run_outputs(out)
@@ -894,13 +970,13 @@ def test_a_diverging_lr_stops_with_one_line_exit_1_and_last_pt_the_last_good_epo
     out = tmp_path / "out"
     args = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "4", "--opt", "sgd",
             "--imb_factor", "10", "--save_every", str(save_every), "--out", str(out)]
-    # epoch 1 at a sane lr, then lr 1e12: the weights overflow within a few steps
-    monkeypatch.setattr(sm, "lr_at", lambda epoch, cfg: 0.05 if epoch == 0 else 1e12)
+    # epochs 1-2 at a sane lr, then lr 1e12: the weights overflow within a few steps
+    monkeypatch.setattr(sm, "lr_at", lambda epoch, cfg: 0.05 if epoch < 2 else 1e12)
     saved_states, losses = [], []
     checkpoint, step = sm._checkpoint, sm.STEPS["sgd"]
 
     def recording_checkpoint(cfg, epoch, model, *args):
-        saved_states.append(copy.deepcopy(model.state_dict()))  # the weights after each epoch
+        saved_states.append(copy.deepcopy(model.state_dict()))  # the weights of each saved epoch
         return checkpoint(cfg, epoch, model, *args)
 
     def recording_step(*args, **kwargs):
@@ -916,12 +992,12 @@ def test_a_diverging_lr_stops_with_one_line_exit_1_and_last_pt_the_last_good_epo
     err = capsys.readouterr().err.splitlines()
     n = steps_per_epoch(args)
     first_bad = losses.index(False)  # the first step whose loss was not finite, counted by hand
-    assert n <= first_bad < 2 * n, "the loss must go non-finite in epoch 2"
-    assert err == [f"ssesam_minimal.py: non-finite training loss at epoch 2, step {first_bad - n + 1} "
-                   f"of {n} (lr 1e+12); {out / 'last.pt'} holds epoch 1 of 4; continue with --resume"]
+    assert 2 * n <= first_bad < 3 * n, "the loss must go non-finite in epoch 3"
+    assert err == [f"ssesam_minimal.py: non-finite training loss at epoch 3, step {first_bad - 2 * n + 1} "
+                   f"of {n} (lr 1e+12); {out / 'last.pt'} holds epoch 2 of 4; continue with --resume"]
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["epoch"] == 1 and len(saved_states) == 1
-    assert_same_state(ckpt["model"], saved_states[0])
+    assert ckpt["epoch"] == 2 and len(saved_states) == 2 // save_every  # the diverged epoch: never
+    assert_same_state(ckpt["model"], saved_states[-1])
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert sorted(os.listdir(out)) == ["last.pt"]
 
@@ -944,7 +1020,7 @@ def test_ctrl_c_in_a_real_process_saves_and_exits_130_with_one_line(tmp_path):
     assert proc.returncode == 130, err
     lines = err.splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
-    # between epochs the live state is the finished epoch's; during one, the one before is kept
+    # after an epoch (or while its checkpoint is written) that epoch is kept; during one, the one before
     m = re.fullmatch(r"ssesam_minimal.py: interrupted by SIGINT (during|after) epoch (\d+); .*last.pt "
                      r"holds epoch (\d+) of 50; continue with --resume", lines[0])
     assert m and int(m[3]) == int(m[2]) - (m[1] == "during") >= 1, lines[0]
@@ -1322,6 +1398,30 @@ def test_official_switch_points():
         opt.update_rho()
         after.append(opt.head_rho)
     assert after == [0.05] * 6 + [0.0] * 4
+
+
+def test_optimizer_state_dict_round_trip_keeps_momentum_and_the_stage_counter():
+    model = tiny_model(torch.float32)
+    opt = sm.SSESAM(sgd(model), model, 0.05, 0.1, gamma=0.5, total_epochs=4)
+    x, y = batch(dtype=torch.float32)
+    sm.ssesam_step(model, sm.LongTailLoss("CE", COUNTS), opt, x, y, torch.isin(y, TAIL_CLASSES))
+    for _ in range(2):
+        opt.end_epoch()  # = update_rho()
+    state = copy.deepcopy(opt.state_dict())
+    twin = copy.deepcopy(model)
+    twin_opt = sm.SSESAM(sgd(twin), twin, 0.05, 0.1, gamma=0.5, total_epochs=4)
+    assert twin_opt.head_rho == 0.05
+    twin_opt.load_state_dict(state)
+    assert twin_opt.k == 2 and twin_opt.head_rho == 0.0 and twin_opt.rhos == (0.0, 0.1)
+    bufs = [twin_opt.optimizer.state[p]["momentum_buffer"] for p in twin.parameters()]
+    assert all(torch.equal(a, opt.optimizer.state[p]["momentum_buffer"])
+               for a, p in zip(bufs, model.parameters()))
+
+
+def test_split_losses_refuses_a_mean_reduced_loss():
+    tail = torch.tensor([False, True, True])
+    with pytest.raises(ValueError, match="reduction='none'"):
+        sm.split_losses(torch.tensor(1.5), tail)
 
 
 def test_bad_ssesam_arguments_raise():
@@ -1728,11 +1828,11 @@ def test_our_steps_add_no_op_per_parameter_tensor_and_no_sync_the_official_step_
 
 
 @pytest.mark.parametrize("name", sm.OPTS)
-def test_make_optimizers_foreach_sgd_gives_the_weights_of_the_per_parameter_loop(name):
+def test_make_optimizers_fused_sgd_gives_the_weights_of_the_per_parameter_loop(name):
     cfg = sm.Config(opt=name, lr=0.1, rho=0.05, head_rho=0.05, tail_rho=0.1, gamma=0.5, epochs=2)
     fast, plain = tiny_model(), tiny_model()
     fast_opt, plain_opt = sm.make_optimizer(cfg, fast), make_opt(name, plain)  # make_opt: SGD's default
-    assert (fast_opt if name == "sgd" else fast_opt.optimizer).defaults["foreach"] is True
+    assert (fast_opt if name == "sgd" else fast_opt.optimizer).defaults["fused"] is True
     assert (plain_opt if name == "sgd" else plain_opt.optimizer).defaults["foreach"] is None  # CPU: a loop
     for seed in (1, 2):  # the second step uses the momentum buffers
         x, y = batch(seed)
