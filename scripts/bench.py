@@ -9,8 +9,9 @@ and, with --out DIR, writes them to DIR/bench.json. scripts/README.md has the me
     OMP_NUM_THREADS=1 python scripts/bench.py --out runs/bench  # as measured on the CPU
     python scripts/bench.py --device cpu --arch resnet8 --batch_size 4 --dataset synthetic  # seconds
 
-The flags are ssesam_minimal.py's (less its --bench); those that only training reads (--data_dir,
---epochs, --drw_epoch, --print_freq, --resume, ...) are accepted and change nothing here.
+The flags are ssesam_minimal.py's; --opt (every optimizer is timed) and those that only training
+reads (--data_dir, --epochs, --drw_epoch, --print_freq, --resume, ...) are accepted and change
+nothing here.
 Exit codes: 2 bad input, 130 interrupted.
 """
 
