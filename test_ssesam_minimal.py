@@ -6,6 +6,7 @@ real pickle layout, into a temporary folder.
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -1692,140 +1693,8 @@ def test_device_cuda_without_cuda_exits_2(capsys):
 
 
 # =============================================================================================
-# Benchmark (--bench): pass and operator counts, the official baseline step, foreach SGD
+# Step-path speed-ups: foreach SGD, channels_last
 # =============================================================================================
-
-BENCH_PASSES = {"sgd": (1, 1), "sam": (2, 2), "imbsam": (2, 3), "ssesam before the switch": (3, 4),
-                "ssesam after the switch": (2, 3), "ssesam before the switch, contiguous": (3, 4),
-                "official ssesam": (4, 4)}  # (forwards, backwards)
-
-
-@pytest.fixture(scope="module")
-def tiny_bench(tmp_path_factory):
-    """--bench at its smallest, on the CPU: ResNet-8, batch 4, augmentation over 492 images."""
-    base = tmp_path_factory.mktemp("bench")
-    result = sm.main(["--bench", "--device", "cpu", "--arch", "resnet8", "--batch_size", "4",
-                      "--dataset", "synthetic", "--data_dir", str(base / "data"), "--out", str(base / "out")])
-    return result, base
-
-
-def test_bench_reads_no_data_and_reports_the_passes_of_every_step(tiny_bench):
-    result, base = tiny_bench
-    steps = {k: (r["forwards"], r["backwards"]) for k, r in result["rows"].items() if "forwards" in r}
-    assert steps == BENCH_PASSES
-    assert not (base / "data").exists()
-    assert json.loads((base / "out" / "bench.json").read_text()) == result
-    counts, _ = sm.data_counts(sm.Config(dataset="synthetic"))
-    assert result["rows"]["augmentation, ours"]["images"] == sum(counts) == 492
-    for name, r in result["rows"].items():
-        assert len(r["ms"]) == result["repeats"] and all(t > 0 for t in r["ms"]), name
-        assert r["median_ms"] == float(np.median(r["ms"])), name
-
-
-def test_bench_sam_family_steps_dispatch_fewer_ops_than_the_official_step(tiny_bench):
-    rows = tiny_bench[0]["rows"]
-    official = rows["official ssesam"]
-    for name in ("sam", "imbsam", "ssesam before the switch", "ssesam after the switch",
-                 "ssesam before the switch, contiguous"):
-        assert rows[name]["ops"] < official["ops"], name
-        assert rows[name]["own_ops"] < official["own_ops"], name
-        assert 0 < rows[name]["own_ops"] < rows[name]["ops"], name
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bench_on_cuda_reports_the_passes_of_every_step():
-    result = sm.main(["--bench", "--device", "cuda", "--arch", "resnet8", "--batch_size", "4",
-                      "--dataset", "synthetic"])
-    assert result["device"].startswith("cuda")
-    assert {k: (r["forwards"], r["backwards"]) for k, r in result["rows"].items()
-            if "forwards" in r} == BENCH_PASSES
-    assert all(t > 0 for r in result["rows"].values() for t in r["ms"])
-
-
-def test_bench_with_a_bad_imb_factor_exits_2_before_timing_anything(capsys):
-    line = expect_usage_exit(["--bench", "--dataset", "synthetic", "--imb_factor", "1000"], capsys)
-    assert "--imb_factor" in line and "no training image" in line
-
-
-def test_count_step_counts_passes_and_one_own_op_per_dispatched_call():
-    model = tiny_model(torch.float32)
-    x, _ = batch(dtype=torch.float32)
-    params = list(model.parameters())
-
-    def step():
-        model(x).sum().backward()          # own: the sum and the backward's seed (ones_like)
-        with torch.no_grad():
-            for p in params:               # own: one op per tensor
-                p.add_(1)
-            torch._foreach_add_(params, 1)  # own: one op for all of them
-    forwards, backwards, ops, own = sm.count_step(step, model, nn.Identity())
-    assert (forwards, backwards) == (1, 1)
-    assert own == 2 + len(params) + 1
-    model.zero_grad(set_to_none=True)      # as before the counted step: no .grad to accumulate into
-    counter = sm.OpCounter()
-    with counter:
-        model(x).sum().backward()
-    assert ops - own == counter.ops - 2    # the rest are exactly the forward's and backward's ops
-
-
-@pytest.mark.parametrize("epochs_done", [0, 7])  # before and after the switch (gamma 0.7, T 10)
-def test_official_baseline_step_gives_the_weights_of_ssesam_step(epochs_done):
-    ours, official = tiny_model(), tiny_model()
-    opt = sm.SSESAM(sgd(ours), ours, 0.05, 0.1, gamma=0.7, total_epochs=10)
-    for _ in range(epochs_done):
-        opt.update_rho()
-    # the official update_rho() sets rho_head to 0 at the switch
-    off = sm.OfficialSSESAM(sgd(official), official, opt.head_rho, 0.1)
-    for seed in (1, 2):  # a second step goes through SGD's momentum buffers
-        x, y = batch(seed)
-        run_step(sm.ssesam_step, opt, ours, x, y)
-        sm.official_ssesam_step(official, nn.CrossEntropyLoss(reduction="none"), off, x, y,
-                                torch.isin(y, TAIL_CLASSES))
-        # restoring w by subtracting eps leaves rounding residue; copying back leaves none
-        assert torch.allclose(flat(ours), flat(official), rtol=0, atol=1e-10)
-    # BN running statistics differ by design: the official step updates them in all 4 forwards
-    assert int(ours.bn1.num_batches_tracked) == 2 and int(official.bn1.num_batches_tracked) == 8
-
-
-class SyncCounter(sm.OpCounter):
-    """Also counts reads of a tensor's value back to the host (.item(), bool(), float())."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.syncs += func is torch.ops.aten._local_scalar_dense.default
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-def test_our_steps_add_no_op_per_parameter_tensor_and_no_sync_the_official_step_does_both():
-    own, syncs, n_tensors = {}, {}, {}
-    for depth in (8, 14):
-        for name in ("sgd", "sam", "imbsam", "ssesam", "official"):
-            model = sm.CifarResNet(depth, C)
-            n_tensors[depth] = len(list(model.parameters()))
-            crit = sm.LongTailLoss("CE", COUNTS)
-            x, y = batch(dtype=torch.float32)
-            tail = torch.isin(y, TAIL_CLASSES)
-            if name == "official":
-                opt = sm.OfficialSSESAM(sgd(model), model, 0.05, 0.1)
-                step = lambda: sm.official_ssesam_step(model, crit, opt, x, y, tail)
-            else:
-                opt = sm.make_optimizer(sm.Config(opt=name), model)
-                step = lambda: sm.STEPS[name](model, crit, opt, x, y, tail)
-            step()  # the first step makes SGD's momentum buffers, one per tensor
-            own[name, depth] = sm.count_step(step, model, crit)[3]
-            with SyncCounter() as counter:
-                step()
-            syncs[name] = counter.syncs
-    assert n_tensors[14] > n_tensors[8]
-    for name in ("sgd", "sam", "imbsam", "ssesam"):
-        assert own[name, 14] == own[name, 8], name
-        assert syncs[name] == 0, name
-    assert own["official", 14] - own["official", 8] >= 10 * (n_tensors[14] - n_tensors[8])
-    assert syncs["official"] >= 1
-
 
 @pytest.mark.parametrize("name", sm.OPTS)
 def test_make_optimizers_fused_sgd_gives_the_weights_of_the_per_parameter_loop(name):
@@ -1855,6 +1724,212 @@ def test_a_channels_last_network_takes_the_steps_of_a_contiguous_one():
         sm.ssesam_step(fast, crit, opts[fast], x.contiguous(memory_format=torch.channels_last), y, tail)
         assert torch.allclose(flat(fast), flat(plain), rtol=0, atol=1e-5), seed
     assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the steps keep it
+
+
+# =============================================================================================
+# scripts/bench.py: pass and operator counts, the official baseline step, the CLI
+# =============================================================================================
+
+_spec = importlib.util.spec_from_file_location("bench", os.path.join(REPO, "scripts", "bench.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def expect_bench_exit(argv, capsys):
+    """bench.main(argv) must exit with code 2 and print exactly one line, no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench.py: error: "), \
+        f"expected one stderr line, got {err!r}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+BENCH_PASSES = {"sgd": (1, 1), "sam": (2, 2), "imbsam": (2, 3), "ssesam before the switch": (3, 4),
+                "ssesam after the switch": (2, 3), "ssesam before the switch, contiguous": (3, 4),
+                "official ssesam": (4, 4)}  # (forwards, backwards)
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """scripts/bench.py at its smallest, on the CPU: ResNet-8, batch 4, augmentation over 492 images."""
+    base = tmp_path_factory.mktemp("bench")
+    result = bench.main(["--device", "cpu", "--arch", "resnet8", "--batch_size", "4",
+                         "--dataset", "synthetic", "--data_dir", str(base / "data"), "--out", str(base / "out")])
+    return result, base
+
+
+def test_bench_reads_no_data_and_reports_the_passes_of_every_step(tiny_bench):
+    result, base = tiny_bench
+    steps = {k: (r["forwards"], r["backwards"]) for k, r in result["rows"].items() if "forwards" in r}
+    assert steps == BENCH_PASSES
+    assert not (base / "data").exists()
+    assert json.loads((base / "out" / "bench.json").read_text()) == result
+    counts, _ = sm.data_counts(sm.Config(dataset="synthetic"))
+    assert result["rows"]["augmentation, ours"]["images"] == sum(counts) == 492
+    for name, r in result["rows"].items():
+        assert len(r["ms"]) == result["repeats"] and all(t > 0 for t in r["ms"]), name
+        assert r["median_ms"] == float(np.median(r["ms"])), name
+
+
+def test_bench_sam_family_steps_dispatch_fewer_ops_than_the_official_step(tiny_bench):
+    rows = tiny_bench[0]["rows"]
+    official = rows["official ssesam"]
+    for name in ("sam", "imbsam", "ssesam before the switch", "ssesam after the switch",
+                 "ssesam before the switch, contiguous"):
+        assert rows[name]["ops"] < official["ops"], name
+        assert rows[name]["own_ops"] < official["own_ops"], name
+        assert 0 < rows[name]["own_ops"] < rows[name]["ops"], name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_on_cuda_reports_the_passes_of_every_step():
+    result = bench.main(["--device", "cuda", "--arch", "resnet8", "--batch_size", "4",
+                         "--dataset", "synthetic"])
+    assert result["device"].startswith("cuda")
+    assert {k: (r["forwards"], r["backwards"]) for k, r in result["rows"].items()
+            if "forwards" in r} == BENCH_PASSES
+    assert all(t > 0 for r in result["rows"].values() for t in r["ms"])
+
+
+def test_bench_with_a_bad_imb_factor_exits_2_before_timing_anything(capsys):
+    line = expect_bench_exit(["--dataset", "synthetic", "--imb_factor", "1000"], capsys)
+    assert "--imb_factor" in line and "no training image" in line
+
+
+def test_bench_out_that_is_an_existing_file_exits_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    line = expect_bench_exit(["--dataset", "synthetic", "--arch", "resnet8", "--out", str(out)], capsys)
+    assert "--out" in line
+    assert out.read_text() == "not a folder"
+
+
+def test_bench_offers_no_bench_flag(capsys):
+    # the module's own --bench switch, while it has one, is dropped from the script's CLI
+    line = expect_bench_exit(["--bench", "--dataset", "synthetic"], capsys)
+    assert "unrecognized arguments: --bench" in line
+
+
+BENCH_SUBPROCESS_CASES = {"bad-imb_factor": ["--imb_factor", "1000", "--dataset", "synthetic"],
+                          "help": ["--help"]}
+
+
+@pytest.fixture(scope="module")
+def bench_subprocesses(tmp_path_factory):
+    """Run `python <repo>/scripts/bench.py ...` for every BENCH_SUBPROCESS_CASES, all at once, from a
+    folder outside the repo and with the repo off PYTHONPATH: the script must find ssesam_minimal.py
+    from its own location."""
+    cwd = tmp_path_factory.mktemp("elsewhere")
+    env = dict(os.environ, **NO_NET_ENV)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                        if p and os.path.abspath(p) != REPO)
+    procs = {key: subprocess.Popen([sys.executable, os.path.join(REPO, "scripts", "bench.py")] + argv,
+                                   cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for key, argv in BENCH_SUBPROCESS_CASES.items()}
+    results = {}
+    for key, p in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        results[key] = (p.returncode, stdout, stderr)
+    return results
+
+
+def test_bench_script_from_another_folder_exits_2_with_one_line_and_no_traceback(bench_subprocesses):
+    returncode, stdout, stderr = bench_subprocesses["bad-imb_factor"]
+    assert returncode == 2, stderr
+    assert "Traceback" not in stderr and stdout == ""
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench.py: error: --imb_factor 1000"), stderr
+
+
+def test_bench_script_help_exits_0_and_lists_no_bench_flag(bench_subprocesses):
+    returncode, stdout, stderr = bench_subprocesses["help"]
+    assert returncode == 0 and stderr == "", stderr
+    assert stdout.startswith("usage: bench.py") and "--out" in stdout
+    assert "--bench" not in stdout
+
+
+def test_count_step_counts_passes_and_one_own_op_per_dispatched_call():
+    model = tiny_model(torch.float32)
+    x, _ = batch(dtype=torch.float32)
+    params = list(model.parameters())
+
+    def step():
+        model(x).sum().backward()          # own: the sum and the backward's seed (ones_like)
+        with torch.no_grad():
+            for p in params:               # own: one op per tensor
+                p.add_(1)
+            torch._foreach_add_(params, 1)  # own: one op for all of them
+    forwards, backwards, ops, own = bench.count_step(step, model, nn.Identity())
+    assert (forwards, backwards) == (1, 1)
+    assert own == 2 + len(params) + 1
+    model.zero_grad(set_to_none=True)      # as before the counted step: no .grad to accumulate into
+    counter = bench.OpCounter()
+    with counter:
+        model(x).sum().backward()
+    assert ops - own == counter.ops - 2    # the rest are exactly the forward's and backward's ops
+
+
+@pytest.mark.parametrize("epochs_done", [0, 7])  # before and after the switch (gamma 0.7, T 10)
+def test_official_baseline_step_gives_the_weights_of_ssesam_step(epochs_done):
+    ours, official = tiny_model(), tiny_model()
+    opt = sm.SSESAM(sgd(ours), ours, 0.05, 0.1, gamma=0.7, total_epochs=10)
+    for _ in range(epochs_done):
+        opt.update_rho()
+    # the official update_rho() sets rho_head to 0 at the switch
+    off = bench.OfficialSSESAM(sgd(official), official, opt.head_rho, 0.1)
+    for seed in (1, 2):  # a second step goes through SGD's momentum buffers
+        x, y = batch(seed)
+        run_step(sm.ssesam_step, opt, ours, x, y)
+        bench.official_ssesam_step(official, nn.CrossEntropyLoss(reduction="none"), off, x, y,
+                                   torch.isin(y, TAIL_CLASSES))
+        # restoring w by subtracting eps leaves rounding residue; copying back leaves none
+        assert torch.allclose(flat(ours), flat(official), rtol=0, atol=1e-10)
+    # BN running statistics differ by design: the official step updates them in all 4 forwards
+    assert int(ours.bn1.num_batches_tracked) == 2 and int(official.bn1.num_batches_tracked) == 8
+
+
+class SyncCounter(bench.OpCounter):
+    """Also counts reads of a tensor's value back to the host (.item(), bool(), float())."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.syncs += func is torch.ops.aten._local_scalar_dense.default
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_our_steps_add_no_op_per_parameter_tensor_and_no_sync_the_official_step_does_both():
+    own, syncs, n_tensors = {}, {}, {}
+    for depth in (8, 14):
+        for name in ("sgd", "sam", "imbsam", "ssesam", "official"):
+            model = sm.CifarResNet(depth, C)
+            n_tensors[depth] = len(list(model.parameters()))
+            crit = sm.LongTailLoss("CE", COUNTS)
+            x, y = batch(dtype=torch.float32)
+            tail = torch.isin(y, TAIL_CLASSES)
+            if name == "official":
+                opt = bench.OfficialSSESAM(sgd(model), model, 0.05, 0.1)
+                step = lambda: bench.official_ssesam_step(model, crit, opt, x, y, tail)
+            else:
+                opt = sm.make_optimizer(sm.Config(opt=name), model)
+                step = lambda: sm.STEPS[name](model, crit, opt, x, y, tail)
+            step()  # the first step makes SGD's momentum buffers, one per tensor
+            own[name, depth] = bench.count_step(step, model, crit)[3]
+            with SyncCounter() as counter:
+                step()
+            syncs[name] = counter.syncs
+    assert n_tensors[14] > n_tensors[8]
+    for name in ("sgd", "sam", "imbsam", "ssesam"):
+        assert own[name, 14] == own[name, 8], name
+        assert syncs[name] == 0, name
+    assert own["official", 14] - own["official", 8] >= 10 * (n_tensors[14] - n_tensors[8])
+    assert syncs["official"] >= 1
 
 
 # =============================================================================================
