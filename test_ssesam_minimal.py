@@ -1773,6 +1773,11 @@ def test_bench_reads_no_data_and_reports_the_passes_of_every_step(tiny_bench):
     for name, r in result["rows"].items():
         assert len(r["ms"]) == result["repeats"] and all(t > 0 for t in r["ms"]), name
         assert r["median_ms"] == float(np.median(r["ms"])), name
+    # every optimizer also through GraphedStep: eager on static buffers here, no kernel times
+    graphed = {k: r["passes"] for k, r in result["rows"].items() if k.endswith(", graphed")}
+    assert graphed == {f"{k}, graphed": "static" for k in BENCH_PASSES
+                       if k not in ("official ssesam", "ssesam before the switch, contiguous")}
+    assert all(r.get("kernel_ms", None) is None for r in result["rows"].values())
 
 
 def test_bench_sam_family_steps_dispatch_fewer_ops_than_the_official_step(tiny_bench):
@@ -1793,6 +1798,8 @@ def test_bench_on_cuda_reports_the_passes_of_every_step():
     assert {k: (r["forwards"], r["backwards"]) for k, r in result["rows"].items()
             if "forwards" in r} == BENCH_PASSES
     assert all(t > 0 for r in result["rows"].values() for t in r["ms"])
+    assert all(r["passes"] == "graph" for k, r in result["rows"].items() if k.endswith(", graphed"))
+    assert all(r["kernel_ms"] > 0 for r in result["rows"].values() if "forwards" in r)
 
 
 def test_bench_with_a_bad_imb_factor_exits_2_before_timing_anything(capsys):
@@ -1806,12 +1813,6 @@ def test_bench_out_that_is_an_existing_file_exits_2(tmp_path, capsys):
     line = expect_bench_exit(["--dataset", "synthetic", "--arch", "resnet8", "--out", str(out)], capsys)
     assert "--out" in line
     assert out.read_text() == "not a folder"
-
-
-def test_bench_offers_no_bench_flag(capsys):
-    # the module's own --bench switch, while it has one, is dropped from the script's CLI
-    line = expect_bench_exit(["--bench", "--dataset", "synthetic"], capsys)
-    assert "unrecognized arguments: --bench" in line
 
 
 BENCH_SUBPROCESS_CASES = {"bad-imb_factor": ["--imb_factor", "1000", "--dataset", "synthetic"],

@@ -2,8 +2,11 @@
 
 Reads no data and trains nothing. Each optimizer's step of ssesam_minimal.py and, as the baseline,
 the official SSE-SAM step run on copies of one network and on one batch of random images whose
-labels follow the long-tailed counts (so the head/tail split is the real one); prints two tables
-and, with --out DIR, writes them to DIR/bench.json. scripts/README.md has the measured numbers.
+labels follow the long-tailed counts (so the head/tail split is the real one); each of our steps
+also through sm.GraphedStep (recorded as a CUDA graph and replayed on a GPU; eager on static
+buffers on the CPU). On a GPU it also sums the kernel time of one eager step (torch.profiler):
+the floor a replayed graph can approach. Prints two tables and, with --out DIR, writes them to
+DIR/bench.json. scripts/README.md has the measured numbers.
 
     python scripts/bench.py                                    # ResNet-32, batch 64, CIFAR-100-LT IF 100
     OMP_NUM_THREADS=1 python scripts/bench.py --out runs/bench  # as measured on the CPU
@@ -154,6 +157,22 @@ def count_step(step, model, criterion):
     return n["F"], n["B"], counter.ops, counter.own
 
 
+def kernel_ms(fn, device):
+    """The summed GPU time of the kernels one call of fn runs, by torch.profiler: the floor that
+    replaying the step as a CUDA graph can approach (the rest of an eager step is launch overhead).
+    None on the CPU, or where the profiler reports no device times."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    # self time: each kernel counted once, not again in the ops that launched it (microseconds)
+    total = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                for e in prof.key_averages())
+    return total / 1000 if total else None
+
+
 def time_ms(fn, calls, device):
     """Milliseconds per call of fn: CUDA events on a GPU, perf_counter on the CPU."""
     cuda = device.type == "cuda"
@@ -202,20 +221,28 @@ def bench(cfg: sm.Config, counts, device, repeats=5, steps=3, log=print) -> dict
         # the contiguous row shows what channels_last buys
         layout = torch.contiguous_format if name.endswith("contiguous") else fmt
         model = copy.deepcopy(model0).to(device, memory_format=layout)
-        opt_name, xf = name.split()[0], x.contiguous(memory_format=layout)
+        opt_name, xf = name.split()[0].rstrip(","), x.contiguous(memory_format=layout)
         opt = sm.make_optimizer(dataclasses.replace(cfg, opt=opt_name), model)
-        for _ in range(opt.cut if name.endswith("after the switch") else 0):
+        for _ in range(opt.cut if "after the switch" in name else 0):
             opt.update_rho()
-        return model, lambda: sm.STEPS[opt_name](model, criterion, opt, xf, y, tail, cfg.imbsam_weight)
+        step = sm.STEPS[opt_name]
+        if name.endswith("graphed"):  # sm.GraphedStep: recorded and replayed on CUDA, eager on the CPU
+            step = sm.GraphedStep(step, model, opt)
+        return model, lambda: step(model, criterion, opt, xf, y, tail, cfg.imbsam_weight)
 
     rows, fns = {}, {}
-    for name in ("sgd", "sam", "imbsam", "ssesam before the switch", "ssesam after the switch",
-                 "ssesam before the switch, contiguous", "official ssesam"):
+    eager = ("sgd", "sam", "imbsam", "ssesam before the switch", "ssesam after the switch")
+    for name in (*eager, "ssesam before the switch, contiguous", "official ssesam",
+                 *(f"{e}, graphed" for e in eager)):
         model, fns[name] = make(name)
-        for _ in range(2):  # warm-up: momentum buffers, allocator, cudnn autotuning
+        for _ in range(2):  # warm-up: momentum buffers, allocator, cudnn autotuning (a graph's own)
             fns[name]()
+        if name.endswith("graphed"):  # a replay runs no Python forward or backward to count
+            rows[name] = {"passes": "graph" if amp else "static", "kernel_ms": None}
+            continue
         f, b, ops, own = count_step(fns[name], model, criterion)
-        rows[name] = {"passes": f"{f}F+{b}B", "forwards": f, "backwards": b, "ops": ops, "own_ops": own}
+        rows[name] = {"passes": f"{f}F+{b}B", "forwards": f, "backwards": b, "ops": ops, "own_ops": own,
+                      "kernel_ms": kernel_ms(fns[name], device)}
     # one epoch of augmentation: ours (whole epoch at once, on the device) against a DataLoader of
     # PIL images with the official transforms, batch size and number of workers
     workers, tf = (os.cpu_count() or 1) // 4, torchvision.transforms
@@ -242,13 +269,17 @@ def bench(cfg: sm.Config, counts, device, repeats=5, steps=3, log=print) -> dict
     log(f"{device_name}, torch {torch.__version__}, torch threads {torch.get_num_threads()}; "
         f"{cfg.arch}, batch {cfg.batch_size}, {cfg.dataset} IF {cfg.imb_factor:g} ({n_tail} of "
         f"{len(counts)} classes tail); median of {repeats} rounds, spread = (max - min) / median\n")
-    log("| step | ms/step | spread | passes | aten ops | outside F/B | time / official "
-        "| ops / official | outside F/B / official |\n" + "|---" * 9 + "|")
+    log("| step | ms/step | spread | kernel ms | passes | aten ops | outside F/B | time / official "
+        "| ops / official | outside F/B / official |\n" + "|---" * 10 + "|")
     for name, r in rows.items():
-        if "passes" in r:
-            log(f"| {name} | {r['median_ms']:.1f} | {r['spread']:.0%} | {r['passes']} | {r['ops']} "
-                f"| {r['own_ops']} | {r['median_ms'] / ref['median_ms']:.3f} "
-                f"| {r['ops'] / ref['ops']:.3f} | {r['own_ops'] / ref['own_ops']:.3f} |")
+        if "passes" not in r:
+            continue
+        kernels = "--" if r["kernel_ms"] is None else f"{r['kernel_ms']:.2f}"
+        counts = (f"{r['ops']} | {r['own_ops']}" if "ops" in r else "-- | --")
+        ratios = (f"{r['ops'] / ref['ops']:.3f} | {r['own_ops'] / ref['own_ops']:.3f}" if "ops" in r
+                  else "-- | --")
+        log(f"| {name} | {r['median_ms']:.1f} | {r['spread']:.0%} | {kernels} | {r['passes']} | {counts} "
+            f"| {r['median_ms'] / ref['median_ms']:.3f} | {ratios} |")
     log(f"\n| one epoch of augmentation, {len(y_all)} images | ms | spread | time / official |\n"
         + "|---" * 4 + "|")
     for name, label in (("augmentation, ours", f"ours: shuffled_epoch() on the {device.type}"),
@@ -257,10 +288,9 @@ def bench(cfg: sm.Config, counts, device, repeats=5, steps=3, log=print) -> dict
         r = rows[name]
         log(f"| {label} | {r['median_ms']:.1f} | {r['spread']:.0%} "
             f"| {r['median_ms'] / ref_aug['median_ms']:.3f} |")
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "bench"}  # the module's old switch
     return {"device": str(device), "device_name": device_name, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "repeats": repeats, "steps": steps,
-            "config": config, "rows": rows}
+            "config": dataclasses.asdict(cfg), "rows": rows}
 
 
 # =============================================================================================
@@ -268,24 +298,18 @@ def bench(cfg: sm.Config, counts, device, repeats=5, steps=3, log=print) -> dict
 # =============================================================================================
 
 def build_parser():
-    """ssesam_minimal.py's parser (each flag declared once, in sm.Config), under this script's name,
-    with --out's help for what it writes here, and without the module's own --bench switch, should
-    it still have one: here it means nothing."""
+    """ssesam_minimal.py's parser (each flag declared once, in sm.Config), under this script's name
+    and with --out's help for what it writes here."""
     p = sm.build_parser()
     p.prog, p.description = "bench.py", "Step and augmentation cost of SSE-SAM against the official code."
-    actions = p._option_string_actions  # argparse has no public way to edit or drop a flag
-    actions["--out"].help = "folder for bench.json"
-    if "--bench" in actions:  # what conflict_handler="resolve" does to an overridden flag: remove it
-        p._handle_conflict_resolve(None, [("--bench", actions["--bench"])])
+    p._option_string_actions["--out"].help = "folder for bench.json"  # no public way to edit a help
     return p
 
 
 def main(argv=None) -> dict:
     """The CLI: parse, check, time, print the tables, write --out/bench.json. Returns the result."""
     try:
-        args = build_parser().parse_args(argv)
-        fields = {f.name for f in dataclasses.fields(sm.Config)}
-        cfg = sm.Config(**{k: v for k, v in vars(args).items() if k in fields})
+        cfg = sm.Config(**vars(build_parser().parse_args(argv)))
         sm.check_config(cfg)
         device = sm.resolve_device(cfg)
         if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
