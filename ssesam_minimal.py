@@ -338,7 +338,8 @@ class LongTailLoss(nn.Module):
       LA:   CE(z + tau * log pi, y)                                     (logit adjustment)
       VS:   CE(z * (n_c / n_max)^vs_gamma + tau * log pi, y)            (vector scaling)
       LDAM: CE(s * (z - m_y e_y), y),  m_c = max_m * n_c^(-1/4) / max(n^(-1/4)),  z cosine logits
-    DRW multiplies each loss by w_y, w_c = (1 - beta) / (1 - beta^n_c) normalised to sum C.
+    DRW multiplies each loss by w_y, w_c = (1 - beta) / (1 - beta^n_c) normalised to sum C; the steps
+    then divide a batch by its sum of weights, sum_i w_{y_i}, as F.cross_entropy(weight=w) does.
     """
 
     def __init__(self, name, counts, tau=0.75, vs_gamma=0.05, max_m=0.5, s=30.0):
@@ -390,7 +391,9 @@ class LongTailLoss(nn.Module):
 # Every step function takes (model, criterion, opt, x, y, tail, imbsam_weight) and returns the
 # logits and the per-sample losses at w, for the logs. To use one in your own training loop:
 #   * the criterion returns one loss per sample (reduction="none"): the groups are cut out of that
-#     vector, and a mean-reduced loss would be broadcast into both (split_losses refuses it);
+#     vector, and a mean-reduced loss would be broadcast into both (split_losses refuses it). With
+#     class weights (criterion.weight, DRW) every normaliser sums weights instead of counting
+#     samples, so a re-weighted batch averages as F.cross_entropy(weight=w) does;
 #   * tail is a (B,) bool mask, tail[i] = (n_{y_i} < eta), built by the caller: is_tail[y];
 #   * opt.end_epoch() is called once after every epoch (for SSESAM it is update_rho());
 #   * SSESAM's published defaults (gamma = 0) mean rho_head = 0 from the first step: pass gamma.
@@ -405,21 +408,39 @@ def forward(model, criterion, x, y):
     return logits, criterion(logits, y)
 
 
-def split_losses(loss_i, tail, weight="batch"):
-    """L_head, L_tail from per-sample losses (B,) and the tail mask (B,).
-    batch: L_group = sum_{i in group} l_i / B          (SSE-SAM: L_head + L_tail = the batch mean)
-    group: L_group = sum_{i in group} l_i / |group|    (the SSE-SAM code's ImbSAM baseline)
+def sample_weights(criterion, y):
+    """w_i = w_{y_i}: the class weight by which the criterion multiplied loss i (DRW; also the
+    `weight` of nn.CrossEntropyLoss), or 1 for every sample if it has none."""
+    w = getattr(criterion, "weight", None)
+    return torch.ones(len(y), device=y.device) if w is None else w[y]
+
+
+def batch_mean(loss_i, w):
+    """L = sum_i w_i l_i / sum_i w_i for losses that come weighted, as F.cross_entropy(weight=w)
+    averages; the plain mean when every w_i = 1."""
+    return loss_i.sum() / w.sum()
+
+
+def split_losses(loss_i, tail, weight="batch", w=None):
+    """L_head, L_tail from per-sample losses (B,), the tail mask (B,) and the samples' class weights
+    w (B,; None: all 1), by which the losses are already multiplied. The denominators sum weights,
+    so with w = 1 they count samples:
+    batch:        L_g = sum_{i in g} l_i / sum_{i in batch} w_i   (SSE-SAM: L_head + L_tail = batch mean)
+    group:        L_g = sum_{i in g} l_i / sum_{i in g} w_i       (the SSE-SAM code's ImbSAM baseline)
+    imbsam_repo:  as batch, with L_tail doubled                   (the ImbSAM authors' own code)
     torch.where, not indexing: shapes stay static, and an empty group gives 0, never NaN."""
     if loss_i.shape != tail.shape:
         raise ValueError(f"split_losses needs one loss per sample, shape {tuple(tail.shape)}, got "
                          f"{tuple(loss_i.shape)}: build the criterion with reduction='none'")
-    zero = torch.zeros((), device=loss_i.device, dtype=loss_i.dtype)
-    L_head = torch.where(tail, zero, loss_i).sum()
-    L_tail = torch.where(tail, loss_i, zero).sum()
+    w = torch.ones_like(loss_i) if w is None else w
+    zero = loss_i.new_zeros(())
+    L_head, L_tail = torch.where(tail, zero, loss_i).sum(), torch.where(tail, loss_i, zero).sum()
     if weight == "group":
-        n_tail = tail.sum()
-        return L_head / (len(tail) - n_tail).clamp(min=1), L_tail / n_tail.clamp(min=1)
-    return L_head / len(tail), L_tail / len(tail)
+        W_head, W_tail = torch.where(tail, 0, w).sum(), torch.where(tail, w, 0).sum()
+        # an empty group has L = 0 and W = 0: divide by 1 there
+        return L_head / torch.where(W_head > 0, W_head, 1), L_tail / torch.where(W_tail > 0, W_tail, 1)
+    W = w.sum()
+    return L_head / W, L_tail / W * (2 if weight == "imbsam_repo" else 1)
 
 
 @contextlib.contextmanager
@@ -440,7 +461,7 @@ def frozen_bn_stats(model):
 def sgd_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
     """The baseline: one plain SGD step on the batch mean (1F+1B)."""
     logits, loss_i = forward(model, criterion, x, y)
-    loss_i.mean().backward()
+    batch_mean(loss_i, sample_weights(criterion, y)).backward()
     opt.step()
     opt.zero_grad(set_to_none=False)  # keep the .grad tensors: a CUDA graph reuses them
     return logits.detach(), loss_i.detach()
@@ -524,10 +545,11 @@ class SAM(_Climb):
 
 def sam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
     logits, loss_i = forward(model, criterion, x, y)    # F1 at w
-    loss_i.mean().backward()                            # B1: g = grad L(w)
+    w = sample_weights(criterion, y)
+    batch_mean(loss_i, w).backward()                    # B1: g = grad L(w)
     opt.first_step()                                    # w -> w + eps
     with frozen_bn_stats(model):
-        forward(model, criterion, x, y)[1].mean().backward()  # F2, B2 at w + eps
+        batch_mean(forward(model, criterion, x, y)[1], w).backward()  # F2, B2 at w + eps
     opt.second_step()                                   # back to w, step with grad L(w + eps)
     return logits.detach(), loss_i.detach()
 
@@ -567,13 +589,14 @@ class ImbSAM(_Climb):
 
 def imbsam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
     logits, loss_i = forward(model, criterion, x, y)    # F1 at w
-    L_head, L_tail = split_losses(loss_i, tail, imbsam_weight)
+    w = sample_weights(criterion, y)
+    L_head, L_tail = split_losses(loss_i, tail, imbsam_weight, w)
     L_head.backward(retain_graph=True)                  # B1: grad L_head(w)
     opt.first_step()                                    #     kept aside
     L_tail.backward()                                   # B2: grad L_tail(w), same graph
     opt.second_step()                                   # w -> w + eps_tail
     with frozen_bn_stats(model):
-        split_losses(forward(model, criterion, x, y)[1], tail, imbsam_weight)[1].backward()  # F2, B3
+        split_losses(forward(model, criterion, x, y)[1], tail, imbsam_weight, w)[1].backward()  # F2, B3
     opt.third_step()                                    # back to w, step with G
     return logits.detach(), loss_i.detach()
 
@@ -678,7 +701,8 @@ def ssesam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
     forward gives both gradients at w; and a group with rho = 0 has eps = 0, so its gradient at
     w + eps is its gradient at w, already known. imbsam_weight is unused: SSE-SAM divides by B."""
     logits, loss_i = forward(model, criterion, x, y)    # F1 at w, the only pass that feeds BN stats
-    L = split_losses(loss_i, tail)                      # (L_head, L_tail), each divided by B
+    w = sample_weights(criterion, y)                    # all 1 unless DRW re-weights the classes
+    L = split_losses(loss_i, tail, "batch", w)          # (L_head, L_tail), each divided by B
     # g_head, g_tail = grad L_head(w), grad L_tail(w): two backwards through F1's graph (B1, B2),
     # returned rather than added into .grad, where the two would mix
     g = [torch.autograd.grad(L[n_i], opt.params, retain_graph=n_i == 0, allow_unused=True,
@@ -689,7 +713,7 @@ def ssesam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
             continue
         opt.compute_and_add_epsilon(n_i, g[n_i])        # w -> w + eps
         with frozen_bn_stats(model):
-            split_losses(forward(model, criterion, x, y)[1], tail)[n_i].backward()  # F, B at w + eps
+            split_losses(forward(model, criterion, x, y)[1], tail, "batch", w)[n_i].backward()  # F, B
         opt.compute_grad_sum_and_restore_p()            # G += grad L(w + eps); back to w
     opt.update()                                        # SGD step with G
     return logits.detach(), loss_i.detach()
@@ -1250,7 +1274,9 @@ class Config:
                               "0 <= gamma < 1")
     eta: int = _arg(100, "ImbSAM / SSE-SAM: a class is tail iff its training count < eta")
     imbsam_weight: str = _arg("group", "ImbSAM: 'group' divides each group's loss by its size in "
-                                       "the batch (official baseline), 'batch' by B", ("group", "batch"))
+                                       "the batch (the SSE-SAM code's baseline), 'batch' by B, "
+                                       "'imbsam_repo' by B with the tail's doubled (the ImbSAM code)",
+                              ("group", "batch", "imbsam_repo"))
     # schedule
     epochs: int = _arg(200, "training epochs T")
     batch_size: int = _arg(64, "training batch size B")

@@ -1529,6 +1529,67 @@ def test_sam_step_follows_its_rule():
     assert torch.allclose(flat(model), want, rtol=0, atol=1e-10)
 
 
+# DRW: a re-weighted batch averages by its weights, as F.cross_entropy(weight=w) does
+
+
+def long_tailed_batch(seed=3, B=32):
+    """A batch whose labels are drawn with probabilities n_c / N, as a shuffled epoch draws them."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.tensor(COUNTS, dtype=torch.float64)
+    y = torch.multinomial(n / n.sum(), B, replacement=True, generator=g)
+    return torch.randn(B, 3, 8, 8, generator=g, dtype=torch.float64), y
+
+
+@pytest.mark.parametrize("name,weighting", [("sgd", "group"), ("sam", "group"), ("imbsam", "batch"),
+                                            ("imbsam", "group"), ("imbsam", "imbsam_repo"),
+                                            ("ssesam", "group")])
+def test_drw_steps_equal_the_same_step_written_with_cross_entropy_class_weights(name, weighting):
+    crit = sm.LongTailLoss("CE", COUNTS).double()
+    crit.set_drw(True)
+    wc = crit.weight  # class weights, summing to C
+    model = tiny_model()
+    x, y = long_tailed_batch()
+    tail = torch.isin(y, TAIL_CLASSES)
+    W = wc[y].sum()
+    assert 0 < tail.sum() < len(y) and W / len(y) < 0.8  # sum w / B is far from 1: 1/B would differ
+
+    def ce(m, mask, denom):  # plain autograd: sum_{i in mask} w_{y_i} l_i / denom
+        return F.cross_entropy(m(x)[mask], y[mask], weight=wc, reduction="sum") / denom
+
+    if name in ("sgd", "sam"):
+        def full(m):
+            return F.cross_entropy(m(x), y, weight=wc)  # its mean: sum w l / sum w
+        G = grads_at(model, full)
+        if name == "sam":
+            G = grads_at(shifted(model, naive_eps(G, 0.05)), full)
+    elif name == "imbsam":
+        d_head = {"batch": W, "imbsam_repo": W, "group": wc[y[~tail]].sum()}[weighting]
+        d_tail = {"batch": W, "imbsam_repo": W / 2, "group": wc[y[tail]].sum()}[weighting]
+        g_t = grads_at(model, lambda m: ce(m, tail, d_tail))
+        G = [a + b for a, b in zip(grads_at(model, lambda m: ce(m, ~tail, d_head)),
+                                   grads_at(shifted(model, naive_eps(g_t, 0.05)), lambda m: ce(m, tail, d_tail)))]
+    else:  # SSE-SAM, stage 1: rho_head 0.05, rho_tail 0.1, both groups over the batch's weight sum
+        g_h = grads_at(model, lambda m: ce(m, ~tail, W))
+        g_t = grads_at(model, lambda m: ce(m, tail, W))
+        G = [a + b for a, b in zip(grads_at(shifted(model, naive_eps(g_h, 0.05)), lambda m: ce(m, ~tail, W)),
+                                   grads_at(shifted(model, naive_eps(g_t, 0.1)), lambda m: ce(m, tail, W)))]
+    want = torch.cat([(p.detach() - 0.1 * (g + 1e-3 * p.detach())).reshape(-1)  # first step: buf = g
+                      for p, g in zip(model.parameters(), G)])
+    sm.STEPS[name](model, crit, make_opt(name, model), x, y, tail, weighting)
+    assert torch.allclose(flat(model), want, rtol=0, atol=1e-10)
+
+
+def test_split_losses_divide_by_sums_of_weights_and_imbsam_repo_doubles_the_tail():
+    loss_i = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    tail = torch.tensor([False, True, False, True, True])
+    h, t = sm.split_losses(loss_i, tail, "imbsam_repo")  # the ImbSAM code: head / B, 2 * tail / B
+    assert h.item() == (1 + 3) / 5 and t.item() == 2 * (2 + 4 + 5) / 5
+    w = torch.tensor([0.5, 2.0, 0.25, 1.0, 4.0], dtype=torch.float64)
+    assert [v.item() for v in sm.split_losses(loss_i, tail, "batch", w)] == [4 / 7.75, 11 / 7.75]
+    assert [v.item() for v in sm.split_losses(loss_i, tail, "group", w)] == [4 / 0.75, 11 / 7.0]
+    assert [v.item() for v in sm.split_losses(loss_i, tail, "imbsam_repo", w)] == [4 / 7.75, 22 / 7.75]
+
+
 # ---------------------------------------------------------------------------------------------
 # passes per step, BN statistics, empty groups
 # ---------------------------------------------------------------------------------------------
