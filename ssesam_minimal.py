@@ -471,8 +471,11 @@ class _Climb:
     """What the three share: the base optimizer, the climb w -> w + eps and the way back."""
 
     rhos = (0.0, 0.0)  # (rho_head, rho_tail) in effect, for the logs
+    _own_state = ()    # attributes that state_dict() keeps besides the base optimizer's state
 
-    def __init__(self, optimizer, model):
+    def __init__(self, optimizer, model, *rhos):
+        if min(rhos) < 0:
+            raise ValueError(f"rho must be >= 0, got {rhos}")
         self.optimizer = optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.w = [torch.empty_like(p) for p in self.params]  # w, saved before each climb
@@ -485,10 +488,12 @@ class _Climb:
 
     def state_dict(self):
         """The base optimizer's state (SGD's momentum) and the wrapper's own."""
-        return {"base": self.optimizer.state_dict()}
+        return {"base": self.optimizer.state_dict(), **{k: getattr(self, k) for k in self._own_state}}
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["base"])
+        for k in self._own_state:
+            setattr(self, k, state[k])
 
     def end_epoch(self):
         """Called once after every epoch (SSE-SAM counts epochs for its switch)."""
@@ -527,9 +532,7 @@ class SAM(_Climb):
     """
 
     def __init__(self, optimizer, model, rho=0.05):
-        super().__init__(optimizer, model)
-        if rho < 0:
-            raise ValueError(f"rho must be >= 0, got {rho}")
+        super().__init__(optimizer, model, rho)
         self.rho, self.rhos = rho, (rho, rho)
 
     def first_step(self):
@@ -564,9 +567,7 @@ class ImbSAM(_Climb):
     """
 
     def __init__(self, optimizer, model, rho=0.05):
-        super().__init__(optimizer, model)
-        if rho < 0:
-            raise ValueError(f"rho must be >= 0, got {rho}")
+        super().__init__(optimizer, model, rho)
         self.rho, self.rhos = rho, (0.0, rho)
         self.g_head = [torch.zeros_like(p) for p in self.params]
 
@@ -619,12 +620,12 @@ class SSESAM(_Climb):
     ssesam_step, below, makes the same update in the same order with fewer passes.
     """
 
+    _own_state = ("k",)
+
     def __init__(self, optimizer, model, head_rho, tail_rho, gamma=0, total_epochs=200):
-        super().__init__(optimizer, model)
+        super().__init__(optimizer, model, head_rho, tail_rho)
         if not 0 <= gamma < 1:
             raise ValueError(f"gamma must lie in [0, 1), got {gamma}")
-        if head_rho < 0 or tail_rho < 0:
-            raise ValueError(f"rho must be >= 0, got head {head_rho}, tail {tail_rho}")
         if total_epochs < 1:
             raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
         self.head_rho0, self.tail_rho, self.gamma, self.total_epochs = head_rho, tail_rho, gamma, total_epochs
@@ -634,7 +635,7 @@ class SSESAM(_Climb):
     # ---- the stage switch, all of it ------------------------------------------------------------
     @property
     def cut(self):
-        """ceil(gamma * T), the number of stage-1 epochs. Rounded first: 0.7 * 10 is
+        """ceil(gamma * T), the number of stage-1 epochs. Rounded first: 0.07 * 100 is
         7.000000000000001 in floating point, and the switch belongs after epoch 7, not 8."""
         return math.ceil(round(self.gamma * self.total_epochs, 9))
 
@@ -658,13 +659,6 @@ class SSESAM(_Climb):
     @property
     def rho_is(self):  # the official name: [rho_head, rho_tail], indexed by n_i
         return list(self.rhos)
-
-    def state_dict(self):
-        return {"base": self.optimizer.state_dict(), "k": self.k}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["base"])
-        self.k = state["k"]
 
     def compute_and_add_epsilon(self, n_i, grads=None):
         """w <- w + eps for group n_i, along its gradient (.grad, or `grads`); then .grad = 0, so
@@ -1345,25 +1339,23 @@ def check_config(cfg: Config) -> None:
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    if cfg.gpu is not None:
-        if not torch.cuda.is_available():
-            print(f"warning: no CUDA on this machine; --gpu {cfg.gpu} ignored, running on the CPU",
-                  file=sys.stderr)
-            return torch.device("cpu")
-        if not 0 <= cfg.gpu < torch.cuda.device_count():
-            raise UsageError(f"--gpu {cfg.gpu}: no such GPU ({torch.cuda.device_count()} visible)")
-        return torch.device("cuda", cfg.gpu)
-    if cfg.device == "auto":
+    """--gpu N (the official flag; without CUDA: the CPU, with a warning), else --device."""
+    if cfg.gpu is not None and not torch.cuda.is_available():
+        print(f"warning: no CUDA on this machine; --gpu {cfg.gpu} ignored, running on the CPU",
+              file=sys.stderr)
+        return torch.device("cpu")
+    name = f"cuda:{cfg.gpu}" if cfg.gpu is not None else cfg.device
+    flag = f"--gpu {cfg.gpu}" if cfg.gpu is not None else f"--device {cfg.device}"
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(cfg.device)
+        dev = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {cfg.device!r}: expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not (torch.cuda.is_available()
-                                   and (dev.index or 0) < torch.cuda.device_count()):
-        raise UsageError(f"--device {cfg.device}: no such CUDA device")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {cfg.device!r}: expected auto, cpu, cuda or cuda:N")
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise UsageError(f"{flag}: no such CUDA device ({torch.cuda.device_count()} visible)")
     return dev
 
 
@@ -1432,15 +1424,10 @@ def main(argv=None) -> dict:
             os.makedirs(cfg.out, exist_ok=True)
         ckpt_path = None if cfg.out is None else os.path.join(cfg.out, "last.pt")
         model, summary = train(cfg, data, device, ckpt_path=ckpt_path, resume=resume)
-    except UsageError as e:
-        print(f"ssesam_minimal.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except Interrupted as e:
-        print(f"ssesam_minimal.py: {e}", file=sys.stderr)
-        raise SystemExit(128 + e.signum)
-    except Diverged as e:
-        print(f"ssesam_minimal.py: {e}", file=sys.stderr)
-        raise SystemExit(1)
+    except (UsageError, Interrupted, Diverged) as e:  # one line on stderr, never a traceback
+        code = 2 if isinstance(e, UsageError) else 1 if isinstance(e, Diverged) else 128 + e.signum
+        print(f"ssesam_minimal.py: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
+        raise SystemExit(code)
     finally:
         if in_main_thread:
             for s, h in handlers.items():

@@ -142,14 +142,16 @@ def ldam_subset(labels, counts, seed):
         np.random.set_state(state)
 
 
-def expect_usage_exit(argv, capsys):
-    """main(argv) must exit with code 2 and print exactly one non-empty line, no traceback."""
+def expect_usage_exit(argv, capsys, main=None, prog="ssesam_minimal.py"):
+    """main(argv) (default: sm.main) must exit with code 2 and print exactly one line, starting
+    '<prog>: error: ', and no traceback."""
     with pytest.raises(SystemExit) as exc:
-        sm.main(argv)
+        (main or sm.main)(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].strip(), f"expected one stderr line, got {err!r}"
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), \
+        f"expected one stderr line, got {err!r}"
     assert "Traceback" not in err
     return lines[0]
 
@@ -1739,6 +1741,31 @@ def test_seed_snippet_runs_verbatim_after_importing_from_ssesam_minimal():
     scope["optimizer"].update_rho()
 
 
+def readme_code_blocks(lang):
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
+        return re.findall(rf"```{lang}\n(.*?)```", fh.read(), re.S)
+
+
+def test_readme_example_for_your_own_training_loop_runs_as_written(tmp_path, monkeypatch, capsys):
+    (example,) = readme_code_blocks("python")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(example, scope)
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["epoch 0: rho_head 0.05, rho_tail 0.1", "epoch 1: rho_head 0.0, rho_tail 0.1"]
+    assert scope["opt"].k == 2 and scope["loss_i"].shape == scope["y"].shape  # per-sample losses
+    assert all(torch.isfinite(p).all() for p in scope["model"].parameters())
+
+
+def test_every_ssesam_minimal_command_in_the_readme_parses():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
+        text = fh.read().replace("\n", " ")
+    commands = re.findall(r"python ssesam_minimal\.py((?: --?[\w.]+(?: [\w.]+)?)*)", text)
+    assert len(commands) >= 3  # the main command, the seed command, the smoke run
+    for args in (a for a in commands if "--help" not in a):
+        sm.check_config(sm.Config(**vars(sm.build_parser().parse_args(args.split()))))
+
+
 @pytest.mark.parametrize("argv,needle", [(["--gpu", "3"], "--gpu 3"), (["--device", "cuda:5"], "cuda:5")])
 def test_a_gpu_that_does_not_exist_exits_2(argv, needle, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pretend: one GPU, index 0
@@ -1797,16 +1824,7 @@ _spec.loader.exec_module(bench)
 
 
 def expect_bench_exit(argv, capsys):
-    """bench.main(argv) must exit with code 2 and print exactly one line, no traceback."""
-    with pytest.raises(SystemExit) as exc:
-        bench.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bench.py: error: "), \
-        f"expected one stderr line, got {err!r}"
-    assert "Traceback" not in err
-    return lines[0]
+    return expect_usage_exit(argv, capsys, bench.main, "bench.py")
 
 
 BENCH_PASSES = {"sgd": (1, 1), "sam": (2, 2), "imbsam": (2, 3), "ssesam before the switch": (3, 4),
