@@ -206,12 +206,13 @@ def crop_flip(x_padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: 
     return x.gather(3, cols[:, None, None, :].expand(N, C, size, size))    # (N, C, size, size)
 
 
-def random_crop_flip(x_padded: torch.Tensor) -> torch.Tensor:
-    """RandomCrop(32, padding=4) + RandomHorizontalFlip(0.5), batched, on x_padded's device."""
+def random_crop_flip(x_padded: torch.Tensor, generator=None) -> torch.Tensor:
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip(0.5), batched, on x_padded's device, drawn
+    from `generator` (a torch.Generator on that device; None: the global one)."""
     N, dev = x_padded.shape[0], x_padded.device
-    dy = torch.randint(0, 2 * PAD + 1, (N,), device=dev)
-    dx = torch.randint(0, 2 * PAD + 1, (N,), device=dev)
-    flip = torch.rand(N, device=dev) < 0.5
+    dy = torch.randint(0, 2 * PAD + 1, (N,), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * PAD + 1, (N,), device=dev, generator=generator)
+    flip = torch.rand(N, device=dev, generator=generator) < 0.5
     return crop_flip(x_padded, dy, dx, flip)
 
 
@@ -222,11 +223,12 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     return (x_uint8.float() / 255 - mean) / std
 
 
-def shuffled_epoch(x_padded: torch.Tensor, y: torch.Tensor, memory_format=torch.contiguous_format):
+def shuffled_epoch(x_padded: torch.Tensor, y: torch.Tensor, memory_format=torch.contiguous_format,
+                   generator=None):
     """One epoch of training images at once, on their device: permuted, cropped, flipped and
     normalised in a few batched ops."""
-    perm = torch.randperm(len(y), device=y.device)
-    xs = normalize(random_crop_flip(x_padded[perm])).contiguous(memory_format=memory_format)
+    perm = torch.randperm(len(y), device=y.device, generator=generator)
+    xs = normalize(random_crop_flip(x_padded[perm], generator)).contiguous(memory_format=memory_format)
     return xs, y[perm]  # (N, 3, 32, 32) float32, (N,)
 
 
@@ -772,6 +774,9 @@ def evaluate(model, x_test, y_test, counts, n_max, batch_size=1000, amp=False):
 # On the CPU nothing is recorded: the step runs eagerly on the same static buffers, warm-up and
 # undo included; the tests check that this gives the plain step's weights bit for bit.
 
+_CAPTURE_LOCK = threading.Lock()  # runs in threads of one process record one graph at a time
+
+
 class GraphedStep:
     """step(model, criterion, opt, x, y, tail, imbsam_weight) on static buffers, recorded as one
     CUDA graph per (batch size, rho) and replayed; eager on the CPU. Build it after any resume."""
@@ -820,7 +825,9 @@ class GraphedStep:
         if not self.record:
             return (*static, None, None)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records; runs nothing
+        # records, runs nothing; one recording at a time in the process, and other threads' runs
+        # may go on meanwhile (thread_local: only this thread's calls could spoil the recording)
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self.step(self.model, criterion, self.opt, *static, imbsam_weight)
         return (*static, graph, out)
 
@@ -907,7 +914,7 @@ class ProgressLine:
         sys.stdout.write("\r\033[K")
 
 
-def run_epoch(cfg: "Config", epoch, model, criterion, opt, step, x_pad, y, is_tail, fmt, progress):
+def run_epoch(cfg: "Config", epoch, model, criterion, opt, step, x_pad, y, is_tail, fmt, rng, progress):
     """Epoch `epoch` (0-indexed): its lr and DRW weights, one pass over freshly augmented data.
     Returns its log row; raises Diverged if the training loss turned non-finite."""
     lr = lr_at(epoch, cfg)
@@ -915,7 +922,7 @@ def run_epoch(cfg: "Config", epoch, model, criterion, opt, step, x_pad, y, is_ta
     if cfg.drw_epoch is not None:
         criterion.set_drw(epoch >= cfg.drw_epoch)
     rho_h, rho_t = opt.rhos if isinstance(opt, _Climb) else (0.0, 0.0)  # read before end_epoch()
-    xs, ys = shuffled_epoch(x_pad, y, fmt)  # the whole epoch at once, on the device
+    xs, ys = shuffled_epoch(x_pad, y, fmt, rng)  # the whole epoch at once, on the device
     step_loss, correct = train_one_epoch(model, criterion, opt, step, xs, ys, is_tail,
                                          cfg.batch_size, cfg.imbsam_weight, progress)
     loss, train_acc = step_loss.sum().item() / len(ys), correct.item() / len(ys) * 100
@@ -933,7 +940,7 @@ def _fmt(v):
 
 # --- The rolling checkpoint: everything the next epoch depends on, so a run continues bit for bit
 
-CKPT_FORMAT = "ssesam-minimal last.pt 2"
+CKPT_FORMAT = "ssesam-minimal last.pt 3"
 
 
 class Interrupted(Exception):
@@ -987,37 +994,31 @@ def _atomic_write(path, data):
             os.remove(tmp)
 
 
-def _checkpoint(cfg, epoch, model, opt, criterion, history, best, seconds, device):
+def _checkpoint(cfg, epoch, model, opt, criterion, rng, history, best, seconds):
     """last.pt's content after `epoch` finished epochs."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "format": CKPT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": epoch,
         "model": model.state_dict(),          # weights and BN running statistics
         "optimizer": opt.state_dict(),        # SGD momentum buffers (and SSE-SAM's epoch counter)
         "criterion": criterion.state_dict(),  # DRW class weights
-        "rng": {"torch": torch.get_rng_state(),
-                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                          float(gauss)],
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        "rng": rng.get_state(),               # the run's data order, crops and flips to come
         "history": history, "best": best, "seconds": seconds,
     }
 
 
-def _restore(ckpt, model, opt, criterion, device, path):
+def _restore(ckpt, model, opt, criterion, rng, path):
     """Load a checkpoint into the live objects; returns (history, best, epochs done, seconds)."""
     try:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         criterion.load_state_dict(ckpt["criterion"])
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        kind, keys, *rest = rng["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-        if device.type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
+        rng.set_state(ckpt["rng"])
         return ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["seconds"]
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise UsageError(f"{path} does not fit this run ({type(e).__name__}); delete it to start afresh")
+
+
+_INIT_LOCK = threading.Lock()  # runs in threads of one process seed and draw their weights in turn
 
 
 def train(cfg: "Config", data, device, log=print, ckpt_path=None, resume=None, progress=None):
@@ -1025,19 +1026,20 @@ def train(cfg: "Config", data, device, log=print, ckpt_path=None, resume=None, p
     ckpt_path: keep the rolling checkpoint there; resume: a checkpoint (dict) to continue from;
     progress: an updating line per step (default: when log is print and stdout a terminal)."""
     x, y, x_test, y_test, counts, n_max = data
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     amp = device.type == "cuda"  # bf16 autocast on CUDA; fp32 weights and optimizer maths
     if amp:
         torch.backends.cudnn.benchmark = True  # time the convolution kernels once per shape
     # channels_last stores (N, C, H, W) as N, H, W, C, the layout the convolution kernels prefer on
     # CUDA and on the CPU alike; the maths is the same
     fmt = torch.channels_last
-    model, criterion = make_model_and_criterion(cfg, counts, device, fmt)
+    with _INIT_LOCK:  # the initial weights come from the global generator, seeded here
+        torch.manual_seed(cfg.seed)
+        model, criterion = make_model_and_criterion(cfg, counts, device, fmt)
+    rng = torch.Generator(device).manual_seed(cfg.seed)  # the run's own: data order, crops, flips
     opt = make_optimizer(cfg, model)
     history, best, done, seconds = [], None, 0, 0.0
-    if resume is not None:  # after the model's init, which draws from the RNG the checkpoint restores
-        history, best, done, seconds = _restore(resume, model, opt, criterion, device, ckpt_path)
+    if resume is not None:
+        history, best, done, seconds = _restore(resume, model, opt, criterion, rng, ckpt_path)
     step = GraphedStep(STEPS[cfg.opt], model, opt) if cfg.cuda_graph else STEPS[cfg.opt]
     is_tail = torch.tensor([n < cfg.eta for n in counts], device=device)  # tail iff n_c < eta
     x_pad = F.pad(x, (PAD,) * 4).to(device)   # (N, 3, 40, 40) uint8, zero padding as RandomCrop's
@@ -1052,7 +1054,7 @@ def train(cfg: "Config", data, device, log=print, ckpt_path=None, resume=None, p
     try:
         for epoch in range(done, cfg.epochs):
             t0, bar = time.time(), ProgressLine(epoch + 1, cfg.epochs) if show else None
-            row = run_epoch(cfg, epoch, model, criterion, opt, step, x_pad, y, is_tail, fmt, bar)
+            row = run_epoch(cfg, epoch, model, criterion, opt, step, x_pad, y, is_tail, fmt, rng, bar)
             last = epoch == cfg.epochs - 1
             if (epoch + 1) % cfg.print_freq == 0 or last:
                 row.update(evaluate(model, x_test, y_test, counts, n_max, cfg.test_batch_size, amp))
@@ -1061,8 +1063,8 @@ def train(cfg: "Config", data, device, log=print, ckpt_path=None, resume=None, p
             history.append(row)
             if ckpt_path is not None and ((epoch + 1) % cfg.save_every == 0 or last):
                 with _signals_deferred():
-                    _atomic_write(ckpt_path, _checkpoint(cfg, epoch + 1, model, opt, criterion,
-                                                         history, best, time.time() - t_start, device))
+                    _atomic_write(ckpt_path, _checkpoint(cfg, epoch + 1, model, opt, criterion, rng,
+                                                         history, best, time.time() - t_start))
                     saved = epoch + 1
             if bar is not None:
                 bar.clear()
@@ -1087,6 +1089,26 @@ def _epoch_line(cfg, row, seconds_left):
     return (f"epoch {row['epoch']:3d}/{cfg.epochs} lr {row['lr']:.5f} rho_h {row['rho_head']:.3f} "
             f"rho_t {row['rho_tail']:.3f} loss {row['loss']:.4f} train {row['train_acc']:5.1f} | "
             f"test {test} | {row['seconds']:.1f}s eta {seconds_left / 60:.1f}m")
+
+
+def finish(cfg: "Config", model, summary, log=print) -> dict:
+    """Report the last and the best evaluation, and write metrics.jsonl (one line per evaluated
+    epoch), summary.json and model.pt into --out, each whole or not at all. Returns the summary
+    without its history."""
+    history = summary.pop("history")
+    f, b = summary["final"], summary["best"]
+    log(f"final (epoch {f['epoch']}): avg {_fmt(f['avg'])} many {_fmt(f['many'])} med {_fmt(f['med'])} "
+        f"few {_fmt(f['few'])} | flip-TTA avg {_fmt(f['avg_tta'])} many {_fmt(f['many_tta'])} "
+        f"med {_fmt(f['med_tta'])} few {_fmt(f['few_tta'])}")
+    log(f"best on the test set (epoch {b['epoch']}, chosen on the test set, optimistic): "
+        f"avg {_fmt(b['avg'])} | flip-TTA avg {_fmt(b['avg_tta'])}")
+    log(f"{summary['seconds']:.1f}s on {summary['device_name']}")
+    if cfg.out is not None:
+        rows = "".join(json.dumps(row) + "\n" for row in history if "avg" in row)
+        _atomic_write(os.path.join(cfg.out, "metrics.jsonl"), rows)
+        _atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
+        _atomic_write(os.path.join(cfg.out, "model.pt"), model.state_dict())
+    return summary
 
 
 def _summary(cfg, history, best, device, n_params, seconds):
@@ -1432,20 +1454,7 @@ def main(argv=None) -> dict:
         if in_main_thread:
             for s, h in handlers.items():
                 signal.signal(s, h)
-    history = summary.pop("history")
-    f, b = summary["final"], summary["best"]
-    print(f"final (epoch {f['epoch']}): avg {_fmt(f['avg'])} many {_fmt(f['many'])} med {_fmt(f['med'])} "
-          f"few {_fmt(f['few'])} | flip-TTA avg {_fmt(f['avg_tta'])} many {_fmt(f['many_tta'])} "
-          f"med {_fmt(f['med_tta'])} few {_fmt(f['few_tta'])}")
-    print(f"best on the test set (epoch {b['epoch']}, chosen on the test set, optimistic): "
-          f"avg {_fmt(b['avg'])} | flip-TTA avg {_fmt(b['avg_tta'])}")
-    print(f"{summary['seconds']:.1f}s on {summary['device_name']}")
-    if cfg.out is not None:  # each file whole or not at all
-        rows = "".join(json.dumps(row) + "\n" for row in history if "avg" in row)
-        _atomic_write(os.path.join(cfg.out, "metrics.jsonl"), rows)
-        _atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
-        _atomic_write(os.path.join(cfg.out, "model.pt"), model.state_dict())
-    return summary
+    return finish(cfg, model, summary)
 
 
 if __name__ == "__main__":
