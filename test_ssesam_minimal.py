@@ -1075,6 +1075,35 @@ def test_reproduce_sh_rejects_bad_usage_with_exit_2_before_running_anything(args
     assert r.returncode == 2 and r.stderr.strip() and not (tmp_path / "results").exists()
 
 
+def test_reproduce_sh_mode_threads_runs_the_seeds_in_one_process_and_skips_them_when_done(tmp_path):
+    # two seeds of one row, JOBS 2: one multi_run.py process, one thread per run
+    env = dict(os.environ, OUT_ROOT=str(tmp_path / "results"), EPOCHS="2", ROWS="sgd", JOBS="2",
+               MODE="threads", OMP_NUM_THREADS="1",
+               EXTRA="--dataset synthetic --imb_factor 10 --eta 50 --lr 0.1")
+    cmd = ["bash", "scripts/reproduce.sh", "resnet8", "3 4"]
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "all runs:" in first.stdout and "2 of 2 finished" in first.stdout  # multi_run.py's last line
+    for seed in (3, 4):
+        run = tmp_path / "results" / "resnet8" / f"sgd-seed{seed}"
+        assert sorted(os.listdir(run)) == ["last.pt", "metrics.jsonl", "model.pt", "summary.json", "train.log"]
+        log = (run / "train.log").read_text()
+        assert "run " in log and " of 2 in one process" in log and "epoch   2/2" in log
+        assert json.loads((run / "summary.json").read_text())["config"]["seed"] == seed
+    assert re.search(r"^\| CE \(SGD\) \| 2 \| ", first.stdout, re.M), first.stdout
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout.count("done already:") == 2, again.stdout
+    assert "start:" not in again.stdout
+
+
+@pytest.mark.parametrize("env", [{"MODE": "fibers"}, {"MODE": "threads", "JOBS": "0"}])
+def test_reproduce_sh_rejects_a_bad_mode_or_jobs_with_exit_2(env, tmp_path):
+    env = dict(os.environ, OUT_ROOT=str(tmp_path / "results"), **env)
+    r = subprocess.run(["bash", "scripts/reproduce.sh", "resnet8", "0"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.strip() and not (tmp_path / "results").exists()
+
+
 def test_results_table_gives_mean_and_sample_std_over_seeds(tmp_path):
     avgs = {"ssesam": [48.0, 50.0, 49.0], "sgd": [44.0]}
     for opt, values in avgs.items():
