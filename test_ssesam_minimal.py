@@ -1260,6 +1260,47 @@ def test_multi_run_ctrl_c_exits_130_with_one_line_and_every_run_resumes(tmp_path
 
 
 # =============================================================================================
+# 10c. scripts/graph_check.py and scripts/gpu_check.sh
+# =============================================================================================
+
+_spec = importlib.util.spec_from_file_location("graph_check", os.path.join(REPO, "scripts", "graph_check.py"))
+graph_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(graph_check)
+
+
+def test_graph_check_on_the_cpu_finds_exactly_no_difference_across_the_switch_and_short_batches(tmp_path):
+    # 4 epochs of 2 steps (a batch of 16, then one of 10), SSE-SAM's switch after epoch 2
+    result = graph_check.main(["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet8",
+                               "--imb_factor", "10", "--eta", "50", "--gamma", "0.5", "--steps", "8",
+                               "--epochs", "4", "--batch_size", "16", "--out", str(tmp_path)])
+    assert result["passed"] and result["why"] == ""
+    assert result["max_rel_diff_1_step"] == 0.0 and result["max_rel_diff"] == 0.0
+    assert result["bitwise_equal_1_step"] and result["bitwise_equal"]
+    assert result["max_abs_diff_step_loss_sums"] == 0.0 and result["weights_moved"] > 0
+    assert result["steps_per_epoch"] == [2, 2, 2, 2] and result["batch_sizes"] == [16, 10]
+    assert result["switch_after_epoch"] == 2 and not result["recorded"]
+    assert set(result["ms_per_step"]["plain"]) == set(result["ms_per_step"]["graphed"]) == {"stage 1", "stage 2"}
+    assert json.loads((tmp_path / "graph_check.json").read_text()) == result
+
+
+def test_graph_check_compare_finds_a_difference_and_names_its_tensor():
+    a = {"w": torch.ones(4), "v": torch.ones(2)}
+    b = {"w": torch.ones(4), "v": torch.tensor([1.0, 1.1])}
+    worst, where, equal, finite = graph_check.compare(a, b)
+    assert worst == pytest.approx(0.1 / math.sqrt(2)) and where == "v" and not equal and finite
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--epochs", "3"], "--gamma 0.7 puts SSE-SAM's switch after the last of the 3 epochs"),
+    (["--steps", "5", "--epochs", "4"], "--steps must be >= 2 * --epochs"),
+    (["--batch_size", "1"], "--batch_size must be >= 2"),
+])
+def test_graph_check_bad_input_exits_2_with_one_line(argv, needle, capsys):
+    line = expect_usage_exit(["--dataset", "synthetic"] + argv, capsys, graph_check.main, "graph_check.py")
+    assert needle in line, line
+
+
+# =============================================================================================
 # Model, losses, optimizers
 # =============================================================================================
 
