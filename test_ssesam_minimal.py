@@ -1300,6 +1300,12 @@ def test_graph_check_bad_input_exits_2_with_one_line(argv, needle, capsys):
     assert needle in line, line
 
 
+def test_gpu_check_sh_is_valid_bash():
+    r = subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", "gpu_check.sh")], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
 # =============================================================================================
 # Model, losses, optimizers
 # =============================================================================================
