@@ -31,7 +31,8 @@
 #   results.tar.gz      results/gpu_check/ (each stage's output, graph_check.json, bench/, modes/)
 #                       and results/<arch>/<row>-seed0/ (train.log, metrics.jsonl, summary.json,
 #                       model.pt); unpack in the repository root
-#   checkpoints.tar.gz  the last.pt of each unfinished run (resume them later), if any
+#   checkpoints.tar.gz  the last.pt of each unfinished run (resume them later), if any; a second
+#                       checkpoints2.tar.gz if they do not fit in one
 #   graph_check.json, bench.json   copies, to read without unpacking
 # Everything is packed again after every stage, so a run cut short still returns what it measured.
 #
@@ -124,7 +125,7 @@ stage() {
 # ---------------------------------------------------------------------------------------------
 # Packing: $OUT gets at most 8 plain files, none over LIMIT bytes (16 MiB, with a margin)
 # ---------------------------------------------------------------------------------------------
-LIMIT=16000000
+LIMIT=${PACK_LIMIT:-16000000}  # PACK_LIMIT: only to try the splitting with small files
 
 tar_within() {  # archive listfile: tar.gz the listed paths (relative to $ROOT), atomically; if it
                 # comes out over LIMIT, again without the model.pt files, then without any .pt
@@ -132,6 +133,7 @@ tar_within() {  # archive listfile: tar.gz the listed paths (relative to $ROOT),
     [ -s "$list" ] || { rm -f "$archive"; return 0; }
     for drop in none 'model\.pt$' '\.pt$'; do
         if [ "$drop" = none ]; then cp "$list" "$list.use"; else grep -v -E "$drop" "$list" > "$list.use"; fi
+        [ -s "$list.use" ] || break
         rm -f "$tmp"
         tar -czf "$tmp" -C "$ROOT" -T "$list.use" 2>> "$WORK/tar.err"
         if [ -f "$tmp" ] && [ "$(stat -c %s "$tmp")" -le "$LIMIT" ]; then
@@ -185,7 +187,9 @@ if bench:
         for k, r in rows.items() if "forwards" in r and k in ("sgd", "ssesam before the switch", "ssesam after the switch")
     ) + " ms/step eager/graphed"
 modes = load(f"{rec}/modes/compare.json")
-if modes:
+if modes and not any(v["wall_s"] for v in modes["modes"].values()):
+    notes["e-threads"] = "not measured"
+elif modes:
     notes["e-threads"] = "; ".join(
         f"{m}: {v['wall_s']} s wall" + (f", {v['epoch_s']} s/epoch (median of epochs 2..{v['epochs'] - 1})"
                                         if v["epoch_s"] else "") + f", {v['finished']} finished"
@@ -239,7 +243,22 @@ pack() {
         [ -f "$d/last.pt" ] && [ ! -f "$d/summary.json" ] && echo "$d/last.pt"
     done) > "$WORK/checkpoints.list" 2>/dev/null
     tar_within "$OUT/results.tar.gz" "$WORK/results.list"
-    tar_within "$OUT/checkpoints.tar.gz" "$WORK/checkpoints.list"
+    # the last.pt files (3.9 MB each for ResNet-32) in up to two archives of at most LIMIT bytes
+    local f size=0 n=1 name
+    : > "$WORK/ck1.list"; : > "$WORK/ck2.list"
+    while read -r f; do
+        [ -n "$f" ] || continue
+        if [ $(( size + $(stat -c %s "$ROOT/$f") )) -gt "$LIMIT" ] && [ -s "$WORK/ck$n.list" ]; then
+            n=$(( n + 1 )); size=0
+        fi
+        if [ "$n" -gt 2 ]; then log "packing: $f left out (more than two archives of checkpoints)"; continue; fi
+        echo "$f" >> "$WORK/ck$n.list"
+        size=$(( size + $(stat -c %s "$ROOT/$f") ))
+    done < "$WORK/checkpoints.list"
+    for n in 1 2; do
+        name=$OUT/checkpoints$([ "$n" = 2 ] && echo 2).tar.gz
+        tar_within "$name" "$WORK/ck$n.list"
+    done
     true
 }
 
