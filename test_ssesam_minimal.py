@@ -1076,10 +1076,11 @@ def test_reproduce_sh_rejects_bad_usage_with_exit_2_before_running_anything(args
 
 
 def test_reproduce_sh_mode_threads_runs_the_seeds_in_one_process_and_skips_them_when_done(tmp_path):
-    # two seeds of one row, JOBS 2: one multi_run.py process, one thread per run
+    # two seeds of one row, JOBS 2: one multi_run.py process, one thread per run (IF 100: the
+    # smallest synthetic set)
     env = dict(os.environ, OUT_ROOT=str(tmp_path / "results"), EPOCHS="2", ROWS="sgd", JOBS="2",
                MODE="threads", OMP_NUM_THREADS="1",
-               EXTRA="--dataset synthetic --imb_factor 10 --eta 50 --lr 0.1")
+               EXTRA="--dataset synthetic --imb_factor 100 --eta 20 --lr 0.1")
     cmd = ["bash", "scripts/reproduce.sh", "resnet8", "3 4"]
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
