@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the CIFAR-100-LT (IF 100) table: CE with SGD, SAM, ImbSAM and SSE-SAM, for one network
 # and several seeds, on one GPU. Each run writes results/<arch>/<opt>-seed<k>/ (train.log,
-# metrics.jsonl, summary.json; model.pt and last.pt stay out of git), then the table is printed.
+# metrics.jsonl, summary.json, model.pt; git keeps last.pt and all but ResNet-32's model.pt out),
+# then the table is printed.
 #
 #   scripts/reproduce.sh resnet32 "0 1 2"            # the true ResNet-32
 #   scripts/reproduce.sh resnet34 "0 1 2"            # the official code's backbone
