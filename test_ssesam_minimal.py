@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import typing
 from fractions import Fraction
 
@@ -795,11 +796,23 @@ def test_static_buffer_step_with_tensor_lr_gives_the_plain_steps_weights_bit_for
         assert runs[True][1].k == 3 and runs[True][1].head_rho == 0.0
 
 
-def test_cuda_graph_flag_on_the_cpu_trains_the_same_run_bit_for_bit(tmp_path):
-    args = RUN_ARGS + ["--gamma", "0.5", "--drw_epoch", "1", "--batch_size", "100"]  # 1 short batch
-    for flag in ([], ["--cuda_graph"]):
-        sm.main(args + flag + ["--out", str(tmp_path / str(len(flag)))])
-    a, b = run_outputs(tmp_path / "0"), run_outputs(tmp_path / "1")
+# SSE-SAM across its switch (after epoch 1) and the start of DRW (epoch 2), with 1 short batch per
+# epoch; pinned to the CPU: on a GPU machine "auto" would be CUDA, where bf16 runs are not bitwise
+# repeatable (scripts/graph_check.py compares the two there)
+GRAPH_RUN_ARGS = RUN_ARGS + ["--gamma", "0.5", "--drw_epoch", "1", "--batch_size", "100", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def eager_ssesam_run(tmp_path_factory):
+    """GRAPH_RUN_ARGS run eagerly by sm.main: the reference for --cuda_graph and for multi_run.py."""
+    out = tmp_path_factory.mktemp("eager") / "out"
+    sm.main(GRAPH_RUN_ARGS + ["--out", str(out)])
+    return out
+
+
+def test_cuda_graph_flag_on_the_cpu_trains_the_same_run_bit_for_bit(eager_ssesam_run, tmp_path):
+    sm.main(GRAPH_RUN_ARGS + ["--cuda_graph", "--out", str(tmp_path / "1")])
+    a, b = run_outputs(eager_ssesam_run), run_outputs(tmp_path / "1")
     assert_same_state(a[0], b[0])
     assert a[1] == b[1] and {k: v for k, v in a[2].items() if k != "history"} == \
         {k: v for k, v in b[2].items() if k != "history"}
@@ -1062,6 +1075,36 @@ def test_reproduce_sh_rejects_bad_usage_with_exit_2_before_running_anything(args
     assert r.returncode == 2 and r.stderr.strip() and not (tmp_path / "results").exists()
 
 
+def test_reproduce_sh_mode_threads_runs_the_seeds_in_one_process_and_skips_them_when_done(tmp_path):
+    # two seeds of one row, JOBS 2: one multi_run.py process, one thread per run (IF 100: the
+    # smallest synthetic set)
+    env = dict(os.environ, OUT_ROOT=str(tmp_path / "results"), EPOCHS="2", ROWS="sgd", JOBS="2",
+               MODE="threads", OMP_NUM_THREADS="1",
+               EXTRA="--dataset synthetic --imb_factor 100 --eta 20 --lr 0.1")
+    cmd = ["bash", "scripts/reproduce.sh", "resnet8", "3 4"]
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "all runs:" in first.stdout and "2 of 2 finished" in first.stdout  # multi_run.py's last line
+    for seed in (3, 4):
+        run = tmp_path / "results" / "resnet8" / f"sgd-seed{seed}"
+        assert sorted(os.listdir(run)) == ["last.pt", "metrics.jsonl", "model.pt", "summary.json", "train.log"]
+        log = (run / "train.log").read_text()
+        assert "run " in log and " of 2 in one process" in log and "epoch   2/2" in log
+        assert json.loads((run / "summary.json").read_text())["config"]["seed"] == seed
+    assert re.search(r"^\| CE \(SGD\) \| 2 \| ", first.stdout, re.M), first.stdout
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout.count("done already:") == 2, again.stdout
+    assert "start:" not in again.stdout
+
+
+@pytest.mark.parametrize("env", [{"MODE": "fibers"}, {"MODE": "threads", "JOBS": "0"}])
+def test_reproduce_sh_rejects_a_bad_mode_or_jobs_with_exit_2(env, tmp_path):
+    env = dict(os.environ, OUT_ROOT=str(tmp_path / "results"), **env)
+    r = subprocess.run(["bash", "scripts/reproduce.sh", "resnet8", "0"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.strip() and not (tmp_path / "results").exists()
+
+
 def test_results_table_gives_mean_and_sample_std_over_seeds(tmp_path):
     avgs = {"ssesam": [48.0, 50.0, 49.0], "sgd": [44.0]}
     for opt, values in avgs.items():
@@ -1083,6 +1126,185 @@ def test_results_table_gives_mean_and_sample_std_over_seeds(tmp_path):
     assert "| CE (SGD) | 1 | 70.0 | 50.0 | 17.0 | 44.0 | 44.6 | 10.0 |" in headline
     assert "| +SSE-SAM | 3 | 72.5 ± 1.0 | 51.5 ± 0.0 | 18.5 ± 0.0 | 50.5 ± 1.0 | 49.3 | 20.0 ± 10.0 |" in best
     assert "+SAM" not in r.stdout  # rows without runs are left out, not shown empty
+
+
+# =============================================================================================
+# 10b. scripts/multi_run.py: several runs in one process, one thread (and CUDA stream) each
+# =============================================================================================
+
+_spec = importlib.util.spec_from_file_location("multi_run", os.path.join(REPO, "scripts", "multi_run.py"))
+multi_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(multi_run)
+
+MULTI_ARGS = "--dataset synthetic --arch resnet8 --epochs 2 --imb_factor 10 --eta 50 --device cpu"
+
+
+def expect_multi_run_exit(argv, capsys):
+    return expect_usage_exit(argv, capsys, multi_run.main, "multi_run.py")
+
+
+def test_multi_run_gives_each_run_bit_for_bit_what_ssesam_minimal_py_gives(eager_ssesam_run, tmp_path):
+    # run 1: SGD; run 2: SSE-SAM across its switch and the start of DRW. The references are the same
+    # runs made alone by sm.main: SSE-SAM's shared with the --cuda_graph test, SGD's in a process of
+    # its own that runs meanwhile. The CPU is deterministic: bit for bit.
+    sgd_args = MULTI_ARGS + " --opt sgd"
+    ssesam_args = " ".join(GRAPH_RUN_ARGS)
+    ref = tmp_path / "ref_sgd"
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, ssesam_minimal as sm; sm.main(sys.argv[1:])"]
+                            + sgd_args.split() + ["--out", str(ref)], cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        outs = {"sgd": tmp_path / "sgd", "ssesam": tmp_path / "ssesam"}
+        summaries = multi_run.main([f"{sgd_args} --out {outs['sgd']}", f"{ssesam_args} --out {outs['ssesam']}"])
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    for (name, out), reference, summary in zip(outs.items(), (ref, eager_ssesam_run), summaries):
+        a, b = run_outputs(reference), run_outputs(out)
+        assert_same_state(a[0], b[0])
+        assert a[1] == b[1], name                                   # metrics rows, epoch by epoch
+        assert a[2]["final"] == b[2]["final"] and a[2]["best"] == b[2]["best"], name
+        assert summary == json.loads((out / "summary.json").read_text())
+        assert summary["config"]["opt"] == name
+        assert sorted(os.listdir(out)) == ["last.pt", "metrics.jsonl", "model.pt", "summary.json", "train.log"]
+        log = (out / "train.log").read_text().splitlines()
+        assert log[0].startswith("multi_run.py: run ") and log[2].startswith("epoch   1/2")
+        assert log[-1].endswith("s on cpu")                         # finish()'s last line
+    assert [r["rho_head"] for r in run_outputs(outs["ssesam"])[1]] == [0.05, 0.0]
+
+
+@pytest.mark.parametrize("runs,needle", [
+    ([], "no run given"),
+    ([MULTI_ARGS, MULTI_ARGS + " --imb_factor 100"], "run 2 differs from run 1 in --imb_factor"),
+    ([MULTI_ARGS, MULTI_ARGS + " --dataset cifar10"], "run 2 differs from run 1 in --dataset"),
+    ([MULTI_ARGS + " --subset_seed 1", MULTI_ARGS], "in --subset_seed"),
+    ([MULTI_ARGS + " --device cpu", MULTI_ARGS + " --device cuda:7"], "run 2: --device cuda:7: no such"),
+    ([MULTI_ARGS + " --out {tmp}/a", MULTI_ARGS + " --out {tmp}/b/../a"], "both write --out"),
+    ([MULTI_ARGS, MULTI_ARGS + " --opt adam"], "run 2: argument --opt"),
+    ([MULTI_ARGS, MULTI_ARGS + " --out {tmp}/x --resume"], "run 2: --resume: there is no"),
+    ([MULTI_ARGS + " --lr '0.1"], "run 1: cannot split"),
+])
+def test_multi_run_bad_input_exits_2_with_one_line_before_anything_trains(runs, needle, tmp_path, capsys,
+                                                                        monkeypatch):
+    trained = []
+    monkeypatch.setattr(sm, "train", lambda *a, **k: trained.append(1))
+    line = expect_multi_run_exit([r.format(tmp=tmp_path) for r in runs], capsys)
+    assert needle in line, line
+    assert not trained and os.listdir(tmp_path) == []  # nothing written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_multi_run_on_cuda_rejects_runs_on_two_devices(capsys):
+    line = expect_multi_run_exit([MULTI_ARGS + " --device cpu", MULTI_ARGS + " --device cuda"], capsys)
+    assert "run 2 differs from run 1 in its device" in line
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_multi_run_on_cuda_trains_graphed_and_eager_runs_side_by_side(tmp_path):
+    # three runs, each on its own CUDA stream, two of them recording their steps as CUDA graphs
+    # while the others train: every run must learn (no bitwise claim on CUDA)
+    args = " ".join(RUN_ARGS) + " --device cuda"
+    summaries = multi_run.main([f"{args} --cuda_graph --out {tmp_path / 'g1'}", f"{args} --out {tmp_path / 'e'}",
+                                f"{args} --cuda_graph --seed 1 --out {tmp_path / 'g2'}"])
+    for s in summaries:
+        assert s["device"].startswith("cuda") and s["final"]["epoch"] == 2
+        assert s["final"]["avg"] > 20.0, s["final"]  # chance: 10 %
+
+
+def test_a_failing_run_does_not_stop_the_other_and_the_exit_code_is_1(tmp_path, capsys):
+    # IF 100: the smallest synthetic set; run 2 diverges in its first epoch (lr 1e12 / 2), run 1
+    # (no --out: its lines go to stdout as "[1] ...") trains on to its end
+    args = "--dataset synthetic --arch resnet8 --imb_factor 100 --opt sgd --epochs 2"
+    bad = tmp_path / "bad"
+    with pytest.raises(SystemExit) as exc:
+        multi_run.main([args, f"{args} --lr 1e12 --out {bad}"])
+    assert exc.value.code == 1
+    out, err = capsys.readouterr()
+    assert "[1] final (epoch 2)" in out and "[1]: final avg" in out and "1 of 2 finished" in out
+    assert len(err.splitlines()) == 1 and re.fullmatch(
+        rf"multi_run.py: run 2 \({re.escape(str(bad))}\) failed: non-finite training loss at epoch 1, "
+        rf"step \d of 8 \(lr 5e\+11\); no epoch saved yet", err.strip()), err
+    assert sorted(os.listdir(bad)) == ["train.log"]                  # no epoch finished: nothing saved
+    assert (bad / "train.log").read_text().splitlines()[-1] == err.splitlines()[0].replace(
+        f"run 2 ({bad}) failed: ", "")
+
+
+def test_multi_run_ctrl_c_exits_130_with_one_line_and_every_run_resumes(tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    args = "--dataset synthetic --arch resnet8 --imb_factor 100 --opt sgd --epochs 50"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "scripts", "multi_run.py")]
+                            + [f"{args} --seed {k} --out {out}" for k, out in enumerate(outs)],
+                            cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not all((out / "last.pt").exists() for out in outs) and time.time() < deadline:
+            time.sleep(0.1)  # both runs have saved an epoch
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("multi_run.py: interrupted by SIGINT;") and "--resume" in lines[0]
+    for out in outs:
+        ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)  # whole, readable
+        assert 1 <= ckpt["epoch"] < 50 and len(ckpt["history"]) == ckpt["epoch"]
+        assert "summary.json" not in os.listdir(out)
+    # the command without --resume refuses to overwrite them (exactly main()'s check)
+    with pytest.raises(SystemExit) as exc:
+        multi_run.main([f"{args} --seed {k} --out {out}" for k, out in enumerate(outs)])
+    assert exc.value.code == 2
+
+
+# =============================================================================================
+# 10c. scripts/graph_check.py and scripts/gpu_check.sh
+# =============================================================================================
+
+_spec = importlib.util.spec_from_file_location("graph_check", os.path.join(REPO, "scripts", "graph_check.py"))
+graph_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(graph_check)
+
+
+def test_graph_check_on_the_cpu_finds_exactly_no_difference_across_the_switch_and_short_batches(tmp_path):
+    # 4 epochs of 2 steps (a batch of 16, then one of 10), SSE-SAM's switch after epoch 2
+    result = graph_check.main(["--device", "cpu", "--dataset", "synthetic", "--arch", "resnet8",
+                               "--imb_factor", "10", "--eta", "50", "--gamma", "0.5", "--steps", "8",
+                               "--epochs", "4", "--batch_size", "16", "--out", str(tmp_path)])
+    assert result["passed"] and result["why"] == ""
+    assert result["max_rel_diff_1_step"] == 0.0 and result["max_rel_diff"] == 0.0
+    assert result["bitwise_equal_1_step"] and result["bitwise_equal"]
+    assert result["max_abs_diff_step_loss_sums"] == 0.0 and result["weights_moved"] > 0
+    assert result["steps_per_epoch"] == [2, 2, 2, 2] and result["batch_sizes"] == [16, 10]
+    assert result["switch_after_epoch"] == 2 and not result["recorded"]
+    assert set(result["ms_per_step"]["plain"]) == set(result["ms_per_step"]["graphed"]) == {"stage 1", "stage 2"}
+    assert json.loads((tmp_path / "graph_check.json").read_text()) == result
+
+
+def test_graph_check_compare_finds_a_difference_and_names_its_tensor():
+    a = {"w": torch.ones(4), "v": torch.ones(2)}
+    b = {"w": torch.ones(4), "v": torch.tensor([1.0, 1.1])}
+    worst, where, equal, finite = graph_check.compare(a, b)
+    assert worst == pytest.approx(0.1 / math.sqrt(2)) and where == "v" and not equal and finite
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--epochs", "3"], "--gamma 0.7 puts SSE-SAM's switch after the last of the 3 epochs"),
+    (["--steps", "5", "--epochs", "4"], "--steps must be >= 2 * --epochs"),
+    (["--batch_size", "1"], "--batch_size must be >= 2"),
+])
+def test_graph_check_bad_input_exits_2_with_one_line(argv, needle, capsys):
+    line = expect_usage_exit(["--dataset", "synthetic"] + argv, capsys, graph_check.main, "graph_check.py")
+    assert needle in line, line
+
+
+def test_gpu_check_sh_is_valid_bash():
+    r = subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", "gpu_check.sh")], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
 
 
 # =============================================================================================
