@@ -968,7 +968,11 @@ def _on_signal(signum, frame):
 @contextlib.contextmanager
 def _signals_deferred():
     """SIGINT / SIGTERM (as main() handles them) take effect only after the block: a Ctrl-C while
-    last.pt is written lets the epoch just finished reach the disk."""
+    last.pt is written lets the epoch just finished reach the disk. Signals reach the main thread
+    only, so a run in another thread (scripts/multi_run.py) has nothing to defer."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _SIGNAL.update(defer=True, pending=None)
     try:
         yield
@@ -1103,11 +1107,11 @@ def finish(cfg: "Config", model, summary, log=print) -> dict:
     log(f"best on the test set (epoch {b['epoch']}, chosen on the test set, optimistic): "
         f"avg {_fmt(b['avg'])} | flip-TTA avg {_fmt(b['avg_tta'])}")
     log(f"{summary['seconds']:.1f}s on {summary['device_name']}")
-    if cfg.out is not None:
+    if cfg.out is not None:  # summary.json last: its presence says the run is complete
         rows = "".join(json.dumps(row) + "\n" for row in history if "avg" in row)
         _atomic_write(os.path.join(cfg.out, "metrics.jsonl"), rows)
-        _atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
         _atomic_write(os.path.join(cfg.out, "model.pt"), model.state_dict())
+        _atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
     return summary
 
 
@@ -1401,7 +1405,7 @@ def config_diff(saved: dict, cfg: Config) -> list:
             if k not in RUN_ONLY and now.get(k, absent) != saved.get(k, absent)]
 
 
-def _prepare_out(cfg: Config):
+def prepare_out(cfg: Config):
     """Check --out before any work; return the checkpoint that --resume continues, else None."""
     if cfg.out is None:
         return None
@@ -1440,7 +1444,7 @@ def main(argv=None) -> dict:
         cfg = Config(**vars(build_parser().parse_args(argv)))
         check_config(cfg)
         device = resolve_device(cfg)
-        resume = _prepare_out(cfg)
+        resume = prepare_out(cfg)
         data = load_data(cfg)
         if cfg.out is not None:
             os.makedirs(cfg.out, exist_ok=True)

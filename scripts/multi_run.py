@@ -121,7 +121,7 @@ def parse_runs(args):
     resumes = []
     for k, cfg in enumerate(runs, start=1):
         try:
-            resumes.append(sm._prepare_out(cfg))  # exactly main()'s checks of --out and --resume
+            resumes.append(sm.prepare_out(cfg))  # exactly main()'s checks of --out and --resume
         except sm.UsageError as e:
             raise sm.UsageError(f"run {k}: {e}")
     for w in warnings:
