@@ -175,7 +175,8 @@ gc = load(f"{rec}/graph_check.json")
 if gc:
     ms = gc["ms_per_step"]
     notes["c"] = (f"{'PASSED' if gc['passed'] else 'FAILED ' + gc['why']}; max rel diff {gc['max_rel_diff_1_step']:.2g} "
-                  f"after 1 step, {gc['max_rel_diff']:.2g} after {gc['steps']} (moved {gc['weights_moved']:.2g}); ms/step "
+                  f"after 1 step ({gc['diff_over_step_1']:.2g} of the step), {gc['max_rel_diff']:.2g} after {gc['steps']} "
+                  f"(moved {gc['weights_moved']:.2g}); ms/step "
                   + ", ".join(f"{s}: plain {ms['plain'][s]:.1f} graphed {ms['graphed'].get(s, float('nan')):.1f}"
                               for s in ms["plain"]))
 bench = load(f"{rec}/bench/bench.json")
