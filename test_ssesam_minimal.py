@@ -1020,17 +1020,11 @@ def test_a_diverging_lr_stops_with_one_line_exit_1_and_last_pt_the_last_good_epo
     assert sorted(os.listdir(out)) == ["last.pt"]
 
 
-def test_ctrl_c_in_a_real_process_saves_and_exits_130_with_one_line(tmp_path):
-    out = tmp_path / "out"
-    argv = [sys.executable, "-u", "ssesam_minimal.py", "--dataset", "synthetic", "--arch", "resnet8",
-            "--epochs", "50", "--opt", "sgd", "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def sigint_once(proc, ready):
+    """Send SIGINT to proc once ready() returns, and wait: it must exit with 130 and print exactly
+    one line on stderr, no traceback. Returns that line."""
     try:
-        for line in proc.stdout:  # wait for the first finished epoch
-            if line.startswith("epoch   1/50"):
-                break
+        ready()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -1038,10 +1032,22 @@ def test_ctrl_c_in_a_real_process_saves_and_exits_130_with_one_line(tmp_path):
     assert proc.returncode == 130, err
     lines = err.splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_ctrl_c_in_a_real_process_saves_and_exits_130_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-u", "ssesam_minimal.py", "--dataset", "synthetic", "--arch", "resnet8",
+            "--epochs", "50", "--opt", "sgd", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    # once the first epoch's line is printed, its checkpoint is on disk
+    line = sigint_once(proc, lambda: next((l for l in proc.stdout if l.startswith("epoch   1/50")), None))
     # after an epoch (or while its checkpoint is written) that epoch is kept; during one, the one before
     m = re.fullmatch(r"ssesam_minimal.py: interrupted by SIGINT (during|after) epoch (\d+); .*last.pt "
-                     r"holds epoch (\d+) of 50; continue with --resume", lines[0])
-    assert m and int(m[3]) == int(m[2]) - (m[1] == "during") >= 1, lines[0]
+                     r"holds epoch (\d+) of 50; continue with --resume", line)
+    assert m and int(m[3]) == int(m[2]) - (m[1] == "during") >= 1, line
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == int(m[3]) and len(ckpt["history"]) == int(m[3])
     assert sorted(os.listdir(out)) == ["last.pt"]
@@ -1240,18 +1246,13 @@ def test_multi_run_ctrl_c_exits_130_with_one_line_and_every_run_resumes(tmp_path
                             + [f"{args} --seed {k} --out {out}" for k, out in enumerate(outs)],
                             cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    def both_saved():
         deadline = time.time() + 60
         while not all((out / "last.pt").exists() for out in outs) and time.time() < deadline:
-            time.sleep(0.1)  # both runs have saved an epoch
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("multi_run.py: interrupted by SIGINT;") and "--resume" in lines[0]
+            time.sleep(0.1)
+
+    line = sigint_once(proc, both_saved)
+    assert line.startswith("multi_run.py: interrupted by SIGINT;") and "--resume" in line
     for out in outs:
         ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)  # whole, readable
         assert 1 <= ckpt["epoch"] < 50 and len(ckpt["history"]) == ckpt["epoch"]
