@@ -28,7 +28,8 @@
 # What comes back in $OUT (at most 8 files, each under 16 MiB, no folders):
 #   gpu_check.log       everything printed, stage by stage, with the seconds since the start
 #   summary.md          one screen: device, versions, each stage's status, time and numbers
-#   results.tar.gz      results/gpu_check/ (each stage's output, graph_check.json, bench/, modes/)
+#   results.tar.gz      results/gpu_check/ (each stage's output, graph_check.json, bench/, modes/),
+#                       results/gpu-bench/ (bench.json and the printed tables, as the results keep them)
 #                       and results/<arch>/<row>-seed0/ (train.log, metrics.jsonl, summary.json,
 #                       model.pt); unpack in the repository root
 #   checkpoints.tar.gz  the last.pt of each unfinished run (resume them later), if any; a second
@@ -235,6 +236,7 @@ pack() {
     [ -f "$REC/bench/bench.json" ] && cp "$REC/bench/bench.json" "$OUT/bench.json"
     (cd "$ROOT" && {
         find results/gpu_check -type f ! -name '*.pt'
+        find results/gpu-bench -type f 2>/dev/null
         for d in results/"$ARCH"/*-seed*; do
             [ -d "$d" ] || continue
             for f in train.log metrics.jsonl summary.json model.pt; do [ -f "$d/$f" ] && echo "$d/$f"; done
@@ -339,6 +341,9 @@ if [ "$GPU_OK" = 1 ]; then
     fi
     # shellcheck disable=SC2086
     stage d "bench.py $ARCH" 120 30 python scripts/bench.py $D_FLAGS --out "$REC/bench"
+    mkdir -p "$ROOT/results/gpu-bench"  # where the results keep it: the JSON and the printed tables
+    [ -f "$REC/bench/bench.json" ] && cp "$REC/bench/bench.json" "$ROOT/results/gpu-bench/bench.json"
+    [ -f "$REC/d.txt" ] && cp "$REC/d.txt" "$ROOT/results/gpu-bench/table.md"
     pack
 fi
 
