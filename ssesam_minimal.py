@@ -921,7 +921,7 @@ def run_epoch(cfg: "Config", epoch, model, criterion, opt, step, x_pad, y, is_ta
     set_lr(opt, lr)
     if cfg.drw_epoch is not None:
         criterion.set_drw(epoch >= cfg.drw_epoch)
-    rho_h, rho_t = opt.rhos if isinstance(opt, _Climb) else (0.0, 0.0)  # read before end_epoch()
+    rho_h, rho_t = getattr(opt, "rhos", (0.0, 0.0))  # SGD has none; read before end_epoch()
     xs, ys = shuffled_epoch(x_pad, y, fmt, rng)  # the whole epoch at once, on the device
     step_loss, correct = train_one_epoch(model, criterion, opt, step, xs, ys, is_tail,
                                          cfg.batch_size, cfg.imbsam_weight, progress)
@@ -1303,7 +1303,8 @@ class Config:
     lr: float = _arg(0.01, "SGD learning rate, cosine-annealed to 0 per epoch")
     momentum: float = _arg(0.9, "SGD momentum")
     wd: float = _arg(1e-3, "SGD weight decay")
-    seed: int = _arg(9826, "seed for torch and numpy (the official default)")
+    seed: int = _arg(9826, "seed of the initial weights and of the data order, crops and flips "
+                           "(the official default)")
     # run
     gpu: Optional[int] = _arg(None, "CUDA device index (falls back to CPU with a warning when the "
                                     "machine has no CUDA)")
