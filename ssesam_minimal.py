@@ -6,39 +6,30 @@ Official code (the "seed"): https://github.com/Zemdalk/SSE-SAM. Its README's com
 SSESAM usage snippet run here unchanged.
 
 The method. In a long-tailed training set a few head classes hold most images. SAM minimises the
-loss at the worst nearby point w + eps, eps = rho * g / ||g||. ImbSAM does that for the tail-class
-loss only. SSE-SAM splits every batch by class into head (training count n_c >= eta) and tail,
-perturbs each group along its own gradient, and after the first gamma * T of the T epochs sets
-rho_head = 0, from where on it is ImbSAM:
+loss at the worst nearby point w + ε, ε = ρ·g/‖g‖; ImbSAM does so for the tail-class loss only.
+SSE-SAM splits every batch by class into head (training count n_c ≥ η) and tail, perturbs each
+group along its own gradient, and sets ρ_head = 0 after γ·T of the T epochs (ImbSAM from there on):
 
-    G = grad L_head(w + eps_head) + grad L_tail(w + eps_tail),    L_group = sum_{i in group} l_i / B
-    eps_group = rho_group * grad L_group(w) / ||grad L_group(w)||,  rho_head = 0 after ceil(gamma T) epochs
+    G = ∇L_head(w + ε_head) + ∇L_tail(w + ε_tail),      L_group = Σ_{i in group} ℓ_i / B
+    ε_group = ρ_group · ∇L_group(w) / ‖∇L_group(w)‖,     ρ_head = 0 after ⌈γT⌉ epochs
 
 Reading map: sections in dependency order, each using only what is above it.
     Long-tailed CIFAR      lt_class_counts, lt_indices, load_data
     Augmentation           random_crop_flip, normalize, shuffled_epoch (on the device)
     Networks               CifarResNet / resnet32, resnet34 (the official code's backbone)
     Losses                 LongTailLoss: CE, LDAM, LA, VS per sample, DRW class weights
-    SAM, ImbSAM, SSE-SAM   the method: each optimizer with its training step right below it
+    The method             SAM, ImbSAM, SSE-SAM and their steps: one marked block that runs
+                           alone on torch, to copy into your own code
     Evaluation             Avg and Many / Medium / Few
-    CUDA graphs            GraphedStep: the same steps recorded once and replayed (optional)
-    Training               train_one_epoch (the algorithm), train (schedule, logs, checkpoint)
-    Saddle analysis        lambda_min / lambda_max of the Hessians of L_head and L_tail
-    Command line           Config (every flag), checks, main()
+    Training               Config, train_one_epoch (the algorithm), train (schedule, logs, last.pt)
+    Saddle analysis        λ_min / λ_max of the Hessians of L_head and L_tail
+    Command line           the flags (made from Config), checks, main()
 
-Run:
-    python ssesam_minimal.py --gpu 0 --imb_factor 100 --opt ssesam --loss CE --eta 100 \
-        --print_freq 1 --head_rho 0.05 --tail_rho 0.10 --gamma 0.70 --dataset cifar100
-    python ssesam_minimal.py --dataset synthetic --arch resnet8 --epochs 2   # CPU smoke run
-    python ssesam_minimal.py --out runs/a [--resume]      # keep last.pt; continue after Ctrl-C
-    from ssesam_minimal import SSESAM                       # the official API
-
-Measured: on an NVIDIA H200 (torch 2.11) an eager ResNet-32 SSE-SAM epoch of the seed command
-takes 9-12 s before the switch and about 7 s after it, bound by kernel launches; the accuracy
-table has not been reproduced with this file yet (results/README.md). README.md lists the
-deliberate differences from the official code; the main ones: 3F+4B passes per step, then 2F+3B,
-for the official 4F+4B; BatchNorm statistics only from the unperturbed pass; gamma = 0 works; the
-default network is the true ResNet-32 (the official code's 21 M-parameter net is --arch resnet34).
+Run: python ssesam_minimal.py (the seed command's settings: CIFAR-100-LT IF 100, ResNet-32, 200
+epochs), or python ssesam_minimal.py --dataset synthetic --arch resnet8 --epochs 2 (seconds, CPU).
+Measured: on an NVIDIA H200 (torch 2.11) an eager ResNet-32 SSE-SAM epoch of the seed command takes
+9-12 s before the switch and about 7 s after it. The accuracy table is not reproduced with this
+file yet (results/README.md). README.md lists where this file differs from the official code.
 """
 
 import argparse
@@ -48,9 +39,9 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import sys
-import threading
 import time
 from typing import Optional
 
@@ -69,7 +60,7 @@ class UsageError(Exception):
 # Long-tailed CIFAR
 # =============================================================================================
 
-CIFAR = {  # folder, train files, test files, label key, images per class, archive, md5
+CIFAR = {  # folder, train files, test files, label key, images per class, classes, archive, md5
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
                 "labels", 5000, 10, "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
     "cifar100": ("cifar-100-python", ["train"], ["test"],
@@ -79,7 +70,7 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 
 
 def lt_class_counts(n_max: int, num_classes: int, imb_factor: float) -> list:
-    """n_i = floor(n_max / IF^(i / (C - 1))): class 0 keeps n_max images, class C-1 keeps n_max / IF."""
+    """n_i = ⌊n_max / IF^(i / (C - 1))⌋: class 0 keeps n_max images, class C-1 keeps n_max / IF."""
     if num_classes < 2:
         return [n_max] * num_classes
     return [int(n_max / imb_factor ** (i / (num_classes - 1))) for i in range(num_classes)]
@@ -95,7 +86,7 @@ def lt_indices(labels: np.ndarray, counts: list, subset_seed: Optional[int] = No
             raise UsageError(f"class {c} has {len(idx)} training images but the imbalance factor "
                              f"asks for {n}")
         if rng is not None:
-            rng.shuffle(idx)  # LDAM-DRW: one shuffle per class, in class order, from one seed
+            rng.shuffle(idx)  # one shuffle per class, in class order, from one seed
         picked.append(idx[:n])
     return np.concatenate(picked)
 
@@ -126,8 +117,7 @@ def ensure_cifar(data_dir: str, dataset: str) -> str:
     path = os.path.join(data_dir, folder)
     if all(os.path.isfile(os.path.join(path, f)) for f in train + test):
         return path
-    existed = os.path.isdir(data_dir)
-    had_archive = os.path.isfile(os.path.join(data_dir, archive))
+    existed, had_archive = os.path.isdir(data_dir), os.path.isfile(os.path.join(data_dir, archive))
     try:
         torchvision.datasets.utils.download_and_extract_archive(
             CIFAR_URL + archive, download_root=data_dir, filename=archive, md5=md5)
@@ -143,12 +133,8 @@ def ensure_cifar(data_dir: str, dataset: str) -> str:
 
 
 def synthetic_cifar(seed: int = 0, num_classes: int = 10, n_max: int = 200, n_test: int = 40):
-    """A small, learnable, CIFAR-shaped data set made in memory (no download).
-
-    Each class is a smooth random colour pattern; images are that pattern plus pixel noise. The
-    train pool holds n_max images per class, interleaved like CIFAR's file order, so the long-tailed
-    builder picks from it exactly as it does from CIFAR.
-    """
+    """A small, learnable, CIFAR-shaped data set made in memory: each class a smooth random colour
+    pattern, each image that pattern plus pixel noise. Classes interleave as in CIFAR's files."""
     g = torch.Generator().manual_seed(seed)
     protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32, mode="bilinear",
                            align_corners=False)  # (C, 3, 32, 32) in [0, 1]
@@ -158,36 +144,37 @@ def synthetic_cifar(seed: int = 0, num_classes: int = 10, n_max: int = 200, n_te
         x = 40 + 175 * protos[y] + 40 * torch.randn(len(y), 3, 32, 32, generator=g)
         return x.round().clamp(0, 255).to(torch.uint8), y
 
-    return sample(n_max), sample(n_test), n_max
+    return sample(n_max), sample(n_test)
 
 
-def data_counts(cfg: "Config"):
-    """The per-class training counts of cfg's long-tailed data set, and n_max. Reads no data, so
-    a bad --imb_factor is rejected before anything is read or downloaded."""
-    n_max, num_classes = (200, 10) if cfg.dataset == "synthetic" else CIFAR[cfg.dataset][4:6]
-    counts = lt_class_counts(n_max, num_classes, cfg.imb_factor)
+def data_counts(dataset: str, imb_factor: float):
+    """The per-class training counts and n_max of a long-tailed data set; reads no data, so a bad
+    imbalance factor is rejected before anything is read or downloaded."""
+    n_max, num_classes = (200, 10) if dataset == "synthetic" else CIFAR[dataset][4:6]
+    counts = lt_class_counts(n_max, num_classes, imb_factor)
     if min(counts) < 1:
-        raise UsageError(f"--imb_factor {cfg.imb_factor:g} leaves class {counts.index(0)} with no "
-                         f"training image ({cfg.dataset} has {n_max} per class: IF <= {n_max})")
+        raise UsageError(f"--imb_factor {imb_factor:g} leaves class {counts.index(0)} with no "
+                         f"training image ({dataset} has {n_max} per class: IF <= {n_max})")
     return counts, n_max
 
 
-def load_data(cfg: "Config"):
-    """Train (long-tailed) and test sets as CPU tensors, plus the per-class training counts."""
-    counts, n_max = data_counts(cfg)
-    if cfg.dataset == "synthetic":
-        (x, y), (xt, yt), _ = synthetic_cifar(num_classes=len(counts), n_max=n_max)
+def load_data(dataset="cifar100", data_dir="./datasets", imb_factor=100.0, subset_seed=None):
+    """(x, y, x_test, y_test, counts, n_max): the long-tailed train set and the whole test set as
+    CPU tensors (uint8 images), the per-class training counts and n_max."""
+    counts, n_max = data_counts(dataset, imb_factor)
+    if dataset == "synthetic":
+        (x, y), (xt, yt) = synthetic_cifar(num_classes=len(counts), n_max=n_max)
     else:
-        folder, train, test, key, _, num_classes, _, _ = CIFAR[cfg.dataset]
-        path = ensure_cifar(cfg.data_dir, cfg.dataset)
+        folder, train, test, key, _, num_classes, _, _ = CIFAR[dataset]
+        path = ensure_cifar(data_dir, dataset)
         x, y = _read_cifar_files(path, train, key, num_classes)
         xt, yt = _read_cifar_files(path, test, key, num_classes)
-    idx = torch.from_numpy(lt_indices(y.numpy(), counts, cfg.subset_seed))
+    idx = torch.from_numpy(lt_indices(y.numpy(), counts, subset_seed))
     return x[idx], y[idx], xt, yt, counts, n_max
 
 
 # =============================================================================================
-# On-device augmentation: random crop (4-pixel zero padding) + horizontal flip, whole epoch at once
+# Augmentation on the device: random crop (4-pixel zero padding) + flip, a whole epoch at once
 # =============================================================================================
 
 MEAN = (0.4914, 0.4822, 0.4465)  # the official constants (CIFAR-10's, used for CIFAR-100 too)
@@ -200,15 +187,15 @@ def crop_flip(x_padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: 
     """Crop image n of (N, C, H+2p, W+2p) at offset (dy[n], dx[n]), mirrored where flip[n]."""
     N, C, _, Wp = x_padded.shape
     ar = torch.arange(size, device=x_padded.device)
-    rows = dy[:, None] + ar                                         # (N, size)
+    rows = dy[:, None] + ar                                             # (N, size)
     cols = dx[:, None] + torch.where(flip[:, None], size - 1 - ar, ar)  # mirrored column order
     x = x_padded.gather(2, rows[:, None, :, None].expand(N, C, size, Wp))  # (N, C, size, W+2p)
     return x.gather(3, cols[:, None, None, :].expand(N, C, size, size))    # (N, C, size, size)
 
 
 def random_crop_flip(x_padded: torch.Tensor, generator=None) -> torch.Tensor:
-    """RandomCrop(32, padding=4) + RandomHorizontalFlip(0.5), batched, on x_padded's device, drawn
-    from `generator` (a torch.Generator on that device; None: the global one)."""
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip(0.5), batched, drawn from `generator` (a
+    torch.Generator on x_padded's device; None: the global one)."""
     N, dev = x_padded.shape[0], x_padded.device
     dy = torch.randint(0, 2 * PAD + 1, (N,), device=dev, generator=generator)
     dx = torch.randint(0, 2 * PAD + 1, (N,), device=dev, generator=generator)
@@ -225,19 +212,18 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
 
 def shuffled_epoch(x_padded: torch.Tensor, y: torch.Tensor, memory_format=torch.contiguous_format,
                    generator=None):
-    """One epoch of training images at once, on their device: permuted, cropped, flipped and
-    normalised in a few batched ops."""
+    """One epoch of training images, permuted, cropped, flipped and normalised in a few batched ops."""
     perm = torch.randperm(len(y), device=y.device, generator=generator)
     xs = normalize(random_crop_flip(x_padded[perm], generator)).contiguous(memory_format=memory_format)
     return xs, y[perm]  # (N, 3, 32, 32) float32, (N,)
 
 
 # =============================================================================================
-# ResNet: the CIFAR ResNet of He et al. (ResNet-32 as in LDAM-DRW) and the official backbone
+# Networks: the CIFAR ResNet of He et al. (ResNet-32) and the official code's backbone
 # =============================================================================================
 
 class NormedLinear(nn.Module):
-    """Cosine classifier of LDAM: logits_c = <x / ||x||, w_c / ||w_c||>, in [-1, 1]."""
+    """Cosine classifier of LDAM: logits_c = <x / ‖x‖, w_c / ‖w_c‖>, in [-1, 1]."""
 
     def __init__(self, in_features, out_features):
         super().__init__()
@@ -291,13 +277,13 @@ class CifarResNet(nn.Module):
                 in_planes = planes
         self.layers = nn.Sequential(*stages)
         self.fc = NormedLinear(64, num_classes) if normed else nn.Linear(64, num_classes)
-        for m in self.modules():  # LDAM-DRW's init: Kaiming-normal conv and linear weights
+        for m in self.modules():  # Kaiming-normal conv and linear weights
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
-    def forward(self, x):                           # (B, 3, 32, 32)
+    def forward(self, x):                                 # (B, 3, 32, 32)
         x = self.layers(F.relu(self.bn1(self.conv1(x))))  # (B, 64, 8, 8)
-        return self.fc(x.mean((2, 3)))              # (B, C)
+        return self.fc(x.mean((2, 3)))                    # (B, C)
 
 
 def resnet32(num_classes, normed=False):
@@ -308,7 +294,7 @@ def resnet32(num_classes, normed=False):
 def resnet34(num_classes, normed=False):
     """The official code's backbone ("ResNet-32" there): torchvision's ResNet-34 with a 3x3 stride-1
     stem and no max-pool, 21.33 M parameters for 100 classes. Stem and fc keep PyTorch's default
-    init, as in the official code, because they are built after torchvision's init loop."""
+    init: they are built after torchvision's init loop."""
     m = torchvision.models.resnet34(weights=None)
     m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     m.maxpool = nn.Identity()  # feature maps 32 -> 32 -> 16 -> 8 -> 4, then global average pool
@@ -316,8 +302,7 @@ def resnet34(num_classes, normed=False):
     return m
 
 
-CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)  # 6n + 2
-ARCHS = tuple(f"resnet{d}" for d in CIFAR_DEPTHS) + ("resnet34",)
+ARCHS = tuple(f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)) + ("resnet34",)
 
 
 def build_model(arch: str, num_classes: int, normed: bool = False) -> nn.Module:
@@ -329,19 +314,18 @@ def build_model(arch: str, num_classes: int, normed: bool = False) -> nn.Module:
 
 
 # =============================================================================================
-# Losses: per-sample (no reduction), so the optimizers can split a batch into head and tail
+# Losses: one loss per sample (no reduction), so that a batch can be split into head and tail
 # =============================================================================================
 
 class LongTailLoss(nn.Module):
     """CE, LDAM, LA or VS on logits z (B, C) and labels y (B,); returns (B,) losses.
 
-    n_c: training count of class c, pi_c = n_c / sum(n), n_max = max(n).
+    n_c: training count of class c, π_c = n_c / Σn, n_max = max(n).
       CE:   CE(z, y)
-      LA:   CE(z + tau * log pi, y)                                     (logit adjustment)
-      VS:   CE(z * (n_c / n_max)^vs_gamma + tau * log pi, y)            (vector scaling)
-      LDAM: CE(s * (z - m_y e_y), y),  m_c = max_m * n_c^(-1/4) / max(n^(-1/4)),  z cosine logits
-    DRW multiplies each loss by w_y, w_c = (1 - beta) / (1 - beta^n_c) normalised to sum C; the steps
-    then divide a batch by its sum of weights, sum_i w_{y_i}, as F.cross_entropy(weight=w) does.
+      LA:   CE(z + τ log π, y)                                  (logit adjustment)
+      VS:   CE(z · (n_c / n_max)^vs_gamma + τ log π, y)          (vector scaling)
+      LDAM: CE(s · (z - m_y e_y), y),  m_c ∝ n_c^(-1/4), max_c m_c = max_m,  z cosine logits
+    DRW multiplies loss i by ω_{y_i}, ω_c ∝ (1 - β) / (1 - β^n_c) with Σ_c ω_c = C (Cui et al.).
     """
 
     def __init__(self, name, counts, tau=0.75, vs_gamma=0.05, max_m=0.5, s=30.0):
@@ -359,19 +343,16 @@ class LongTailLoss(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
         self.register_buffer("margin", m * (max_m / m.max()))
-        self.register_buffer("weight", torch.ones_like(n))  # DRW class weights (1 = off)
+        self.register_buffer("weight", torch.ones_like(n))  # DRW class weights ω_c (1 = off)
         self.counts = n
 
     def set_drw(self, on: bool, beta: float = 0.9999):
-        """Deferred re-weighting: class-balanced weights (Cui et al.) once `on`, else all ones."""
+        """Deferred re-weighting: class-balanced weights once `on`, else all ones."""
         w = (1 - beta) / (1 - beta ** self.counts) if on else torch.ones_like(self.counts)
         self.weight.copy_(w * len(w) / w.sum())
 
     def forward(self, z, y):
-        if z.dtype in (torch.float16, torch.bfloat16):
-            z = z.float()  # the loss in fp32, also after a bf16 autocast forward
-        if self.name == "LDAM":
-            # subtract s * m_y from the target logit only
+        if self.name == "LDAM":  # subtract s · m_y from the target logit only
             z = self.s * (z - F.one_hot(y, z.shape[1]) * self.margin[y][:, None])
         else:
             z = z * self.scale + self.shift
@@ -379,80 +360,58 @@ class LongTailLoss(nn.Module):
 
 
 # =============================================================================================
-# SAM, ImbSAM, SSE-SAM: each optimizer, with the training step that uses it right below it
+# The method: SAM, ImbSAM and SSE-SAM, each with its training step
 # =============================================================================================
-#
-# All three wrap a torch optimizer (SGD here). Each climbs from w to w + eps along a gradient g,
-# with one global L2 norm over every parameter,
-#     eps = rho * g / (||g||_2 + 1e-16),
-# takes the gradient there, comes back to w, and lets the base optimizer step with that gradient
-# (momentum and weight decay act at w, as in the official code). w is restored from a saved copy:
-# copying back is exact, subtracting eps is not. All tensor maths is foreach (one kernel per op for
-# the whole model, no Python loop over the parameters) and nothing is read back to the host.
-#
-# Every step function takes (model, criterion, opt, x, y, tail, imbsam_weight) and returns the
-# logits and the per-sample losses at w, for the logs. To use one in your own training loop:
-#   * the criterion returns one loss per sample (reduction="none"): the groups are cut out of that
-#     vector, and a mean-reduced loss would be broadcast into both (split_losses refuses it). With
-#     class weights (criterion.weight, DRW) every normaliser sums weights instead of counting
-#     samples, so a re-weighted batch averages as F.cross_entropy(weight=w) does;
-#   * tail is a (B,) bool mask, tail[i] = (n_{y_i} < eta), built by the caller: is_tail[y];
-#   * opt.end_epoch() is called once after every epoch (for SSESAM it is update_rho());
-#   * SSESAM's published defaults (gamma = 0) mean rho_head = 0 from the first step: pass gamma.
-# Passes per step (F forward, B backward): SGD 1F+1B, SAM 2F+2B, ImbSAM 2F+3B, SSE-SAM 3F+4B
-# before the switch and 2F+3B after it (the official code: 4F+4B throughout).
+# ---- copy from here: this block runs alone, on torch and the standard library -------------
+import contextlib
+import math
 
-def forward(model, criterion, x, y):
-    """Logits and per-sample losses; bf16 autocast on CUDA for the network, fp32 for the loss. One
-    autocast block per forward: its cache of bf16 weights would outlive an in-place climb."""
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):
-        logits = model(x)
-    return logits, criterion(logits, y)
+import torch
+from torch import nn
+
+# A step (model, criterion, opt, x, y, tail, imbsam_weight) updates w and returns the logits and
+# per-sample losses at w. It needs a criterion with one loss per sample (reduction="none"), the
+# (B,) bool mask tail[i] = (n_{y_i} < η), and opt.end_epoch() after every epoch (SSESAM: the
+# switch). Shapes are static and nothing is read back to the host, so a GPU never waits.
+
+HEAD, TAIL = 0, 1  # the group index n_i of the official API
 
 
+# ---- The per-sample split
 def sample_weights(criterion, y):
-    """w_i = w_{y_i}: the class weight by which the criterion multiplied loss i (DRW; also the
-    `weight` of nn.CrossEntropyLoss), or 1 for every sample if it has none."""
-    w = getattr(criterion, "weight", None)
-    return torch.ones(len(y), device=y.device) if w is None else w[y]
+    """ω_i, the class weight by which the criterion multiplied loss i (1 if it has none)."""
+    omega = getattr(criterion, "weight", None)
+    return torch.ones(len(y), device=y.device) if omega is None else omega[y]
 
 
-def batch_mean(loss_i, w):
-    """L = sum_i w_i l_i / sum_i w_i for losses that come weighted, as F.cross_entropy(weight=w)
-    averages; the plain mean when every w_i = 1."""
-    return loss_i.sum() / w.sum()
-
-
-def split_losses(loss_i, tail, weight="batch", w=None):
-    """L_head, L_tail from per-sample losses (B,), the tail mask (B,) and the samples' class weights
-    w (B,; None: all 1), by which the losses are already multiplied. The denominators sum weights,
-    so with w = 1 they count samples:
-    batch:        L_g = sum_{i in g} l_i / sum_{i in batch} w_i   (SSE-SAM: L_head + L_tail = batch mean)
-    group:        L_g = sum_{i in g} l_i / sum_{i in g} w_i       (the SSE-SAM code's ImbSAM baseline)
-    imbsam_repo:  as batch, with L_tail doubled                   (the ImbSAM authors' own code)
+def split_losses(loss_i, tail, weight="batch", omega=None):
+    """L_head, L_tail from per-sample losses (B,), each already multiplied by its class weight ω_i
+    (DRW; None: all 1); each denominator sums weights, so it counts samples when all ω_i = 1:
+        batch:        L_g = Σ_{i in g} ℓ_i / Σ_{i in batch} ω_i   (SSE-SAM: L_head + L_tail = L)
+        group:        L_g = Σ_{i in g} ℓ_i / Σ_{i in g} ω_i       (the SSE-SAM code's ImbSAM)
+        imbsam_repo:  as batch, with L_tail doubled               (the ImbSAM authors' code)
     torch.where, not indexing: shapes stay static, and an empty group gives 0, never NaN."""
-    if loss_i.shape != tail.shape:
-        raise ValueError(f"split_losses needs one loss per sample, shape {tuple(tail.shape)}, got "
-                         f"{tuple(loss_i.shape)}: build the criterion with reduction='none'")
-    w = torch.ones_like(loss_i) if w is None else w
-    zero = loss_i.new_zeros(())
-    L_head, L_tail = torch.where(tail, zero, loss_i).sum(), torch.where(tail, loss_i, zero).sum()
-    if weight == "group":
-        W_head, W_tail = torch.where(tail, 0, w).sum(), torch.where(tail, w, 0).sum()
-        # an empty group has L = 0 and W = 0: divide by 1 there
+    if loss_i.shape != tail.shape:  # a mean-reduced loss would go into both groups
+        raise ValueError(f"split_losses needs one loss per sample (reduction='none'), got {tuple(loss_i.shape)}")
+    omega = torch.ones_like(loss_i) if omega is None else omega
+    L_head = torch.where(tail, 0, loss_i).sum()
+    L_tail = torch.where(tail, loss_i, 0).sum()
+    if weight == "group":  # an empty group has L = 0 and Σω = 0: divide by 1 there
+        W_head, W_tail = torch.where(tail, 0, omega).sum(), torch.where(tail, omega, 0).sum()
         return L_head / torch.where(W_head > 0, W_head, 1), L_tail / torch.where(W_tail > 0, W_tail, 1)
-    W = w.sum()
+    W = omega.sum()
     return L_head / W, L_tail / W * (2 if weight == "imbsam_repo" else 1)
 
 
+# ---- The climb: w -> w + ε and back
 @contextlib.contextmanager
 def frozen_bn_stats(model):
-    """Forward passes inside normalise by their batch but leave BN running statistics untouched:
-    only the forward at w, the weights that are kept, feeds the statistics used at test time."""
+    """Forwards inside normalise by their batch but leave the BN running statistics alone: only
+    the forward at w, the weights that are kept, feeds the statistics used at test time."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.track_running_stats for m in bns]
     for m in bns:
-        m.track_running_stats = False  # in train mode: normalise by the batch, update nothing
+        m.track_running_stats = False
     try:
         yield
     finally:
@@ -460,20 +419,12 @@ def frozen_bn_stats(model):
             m.track_running_stats = t
 
 
-def sgd_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
-    """The baseline: one plain SGD step on the batch mean (1F+1B)."""
-    logits, loss_i = forward(model, criterion, x, y)
-    batch_mean(loss_i, sample_weights(criterion, y)).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=False)  # keep the .grad tensors: a CUDA graph reuses them
-    return logits.detach(), loss_i.detach()
-
-
 class _Climb:
-    """What the three share: the base optimizer, the climb w -> w + eps and the way back."""
+    """What the three share: a base optimizer (SGD), the climb w -> w + ε along a gradient g, and
+    the way back to w, where the base optimizer steps (momentum and weight decay act at w)."""
 
-    rhos = (0.0, 0.0)  # (rho_head, rho_tail) in effect, for the logs
-    _own_state = ()    # attributes that state_dict() keeps besides the base optimizer's state
+    rhos = (0.0, 0.0)  # (ρ_head, ρ_tail) in effect, for the logs
+    _own_state = ()    # what state_dict() keeps besides the base optimizer's state
 
     def __init__(self, optimizer, model, *rhos):
         if min(rhos) < 0:
@@ -483,13 +434,10 @@ class _Climb:
         self.w = [torch.empty_like(p) for p in self.params]  # w, saved before each climb
 
     @property
-    def param_groups(self):
-        """The base optimizer's (lr schedules act on it). A property, not a copy of the reference:
-        optimizer.load_state_dict() replaces the list, and a stale copy would set a dead lr."""
+    def param_groups(self):  # the base optimizer's, where a schedule sets the lr
         return self.optimizer.param_groups
 
     def state_dict(self):
-        """The base optimizer's state (SGD's momentum) and the wrapper's own."""
         return {"base": self.optimizer.state_dict(), **{k: getattr(self, k) for k in self._own_state}}
 
     def load_state_dict(self, state):
@@ -497,50 +445,45 @@ class _Climb:
         for k in self._own_state:
             setattr(self, k, state[k])
 
-    def end_epoch(self):
-        """Called once after every epoch (SSE-SAM counts epochs for its switch)."""
+    def end_epoch(self):  # called once after every epoch
+        pass
 
     def grads(self):
-        """Every parameter's gradient (zeros for one that has none)."""
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
 
     @torch.no_grad()
     def zero_grad(self):
         grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:  # none before the first backward that writes .grad
+        if grads:
             torch._foreach_zero_(grads)
 
     @torch.no_grad()
-    def climb(self, rho, g):
-        """Save w, then w <- w + eps along g (one tensor per parameter)."""
-        # ||g||_2 over all parameters = the norm of the per-tensor norms
+    def climb(self, rho, g):  # save w, then w <- w + ε; foreach: one op for all the tensors
+        # ‖g‖₂ over all parameters at once: the norm of the per-tensor norms
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
-        # eps = rho * g / (||g||_2 + 1e-16)   (an all-zero g gives eps = 0, not NaN)
+        # ε = ρ · g / (‖g‖₂ + 1e-16); a zero g gives ε = 0, not NaN
         eps = torch._foreach_mul(g, rho / (norm + 1e-16))
         torch._foreach_copy_(self.w, self.params)
         torch._foreach_add_(self.params, eps)
 
     @torch.no_grad()
-    def restore(self):
-        """w <- the saved w, bit for bit."""
+    def restore(self):  # w <- the saved w, bit for bit (w + ε - ε need not be w in floating point)
         torch._foreach_copy_(self.params, self.w)
 
 
+# ---- SAM: 2F+2B per step
 class SAM(_Climb):
-    """SAM (Foret et al., ICLR 2021): step along grad L(w + eps), eps = rho * g / ||g||, g = grad L(w).
-
-        loss(model(x)).backward();  sam.first_step()    # w -> w + eps
-        loss(model(x)).backward();  sam.second_step()   # back to w, base step with grad L(w + eps)
-    """
+    """SAM (Foret et al., ICLR 2021): step with ∇L(w + ε), ε = ρ · g / ‖g‖, g = ∇L(w).
+        L(model(x)).backward();  sam.first_step()    # w -> w + ε
+        L(model(x)).backward();  sam.second_step()   # back to w, base step with ∇L(w + ε)"""
 
     def __init__(self, optimizer, model, rho=0.05):
         super().__init__(optimizer, model, rho)
         self.rho, self.rhos = rho, (rho, rho)
 
     def first_step(self):
-        """w -> w + eps from .grad; then .grad = 0 for the backward at w + eps."""
         self.climb(self.rho, self.grads())
-        self.zero_grad()
+        self.zero_grad()  # the backward at w + ε starts from 0
 
     def second_step(self):
         self.restore()
@@ -549,24 +492,24 @@ class SAM(_Climb):
 
 
 def sam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
-    logits, loss_i = forward(model, criterion, x, y)    # F1 at w
-    w = sample_weights(criterion, y)
-    batch_mean(loss_i, w).backward()                    # B1: g = grad L(w)
-    opt.first_step()                                    # w -> w + eps
+    logits = model(x)                                      # F1 at w
+    loss_i = criterion(logits, y)                          # (B,)
+    W = sample_weights(criterion, y).sum()                 # B, or Σ ω_i with class weights
+    (loss_i.sum() / W).backward()                          # B1: g = ∇L(w)
+    opt.first_step()                                       # w -> w + ε
     with frozen_bn_stats(model):
-        batch_mean(forward(model, criterion, x, y)[1], w).backward()  # F2, B2 at w + eps
-    opt.second_step()                                   # back to w, step with grad L(w + eps)
+        (criterion(model(x), y).sum() / W).backward()      # F2, B2: ∇L(w + ε)
+    opt.second_step()                                      # back to w, step with ∇L(w + ε)
     return logits.detach(), loss_i.detach()
 
 
+# ---- ImbSAM: 2F+3B per step
 class ImbSAM(_Climb):
     """ImbSAM (Zhou et al., ICCV 2023): SAM on the tail loss only.
-        G = grad L_head(w) + grad L_tail(w + eps_tail),   eps_tail = rho * g_tail / ||g_tail||
-
-        L_head.backward(retain_graph=True); imbsam.first_step()   # keep grad L_head(w) aside
-        L_tail.backward();                  imbsam.second_step()  # w -> w + eps_tail
-        L_tail(model(x)).backward();        imbsam.third_step()   # back to w, step with G
-    """
+        G = ∇L_head(w) + ∇L_tail(w + ε_tail),   ε_tail = ρ · g_tail / ‖g_tail‖
+        L_head.backward(retain_graph=True); imbsam.first_step()   # keep ∇L_head(w) aside
+        L_tail.backward();                  imbsam.second_step()  # w -> w + ε_tail
+        L_tail(model(x)).backward();        imbsam.third_step()   # back to w, step with G"""
 
     def __init__(self, optimizer, model, rho=0.05):
         super().__init__(optimizer, model, rho)
@@ -585,103 +528,83 @@ class ImbSAM(_Climb):
     @torch.no_grad()
     def third_step(self):
         self.restore()
-        torch._foreach_add_(self.grads(), self.g_head)  # G = grad L_tail(w + eps) + grad L_head(w)
+        torch._foreach_add_(self.grads(), self.g_head)  # G = ∇L_tail(w + ε_tail) + ∇L_head(w)
         self.optimizer.step()
         self.zero_grad()
 
 
 def imbsam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
-    logits, loss_i = forward(model, criterion, x, y)    # F1 at w
-    w = sample_weights(criterion, y)
-    L_head, L_tail = split_losses(loss_i, tail, imbsam_weight, w)
-    L_head.backward(retain_graph=True)                  # B1: grad L_head(w)
-    opt.first_step()                                    #     kept aside
-    L_tail.backward()                                   # B2: grad L_tail(w), same graph
-    opt.second_step()                                   # w -> w + eps_tail
+    logits = model(x)                                      # F1 at w
+    loss_i = criterion(logits, y)
+    omega = sample_weights(criterion, y)
+    L_head, L_tail = split_losses(loss_i, tail, imbsam_weight, omega)
+    L_head.backward(retain_graph=True)                     # B1: ∇L_head(w) ...
+    opt.first_step()                                       # ... kept aside
+    L_tail.backward()                                      # B2: ∇L_tail(w), through the same graph
+    opt.second_step()                                      # w -> w + ε_tail
     with frozen_bn_stats(model):
-        split_losses(forward(model, criterion, x, y)[1], tail, imbsam_weight, w)[1].backward()  # F2, B3
-    opt.third_step()                                    # back to w, step with G
+        loss_climbed = criterion(model(x), y)              # F2 at w + ε_tail
+        split_losses(loss_climbed, tail, imbsam_weight, omega)[TAIL].backward()  # B3
+    opt.third_step()                                       # back to w, step with G
     return logits.detach(), loss_i.detach()
 
 
+# ---- SSE-SAM: 3F+4B per step, then 2F+3B once ρ_head = 0 (the official code: 4F+4B)
 class SSESAM(_Climb):
     """SSE-SAM (Lyu et al., AAAI 2025): SAM on the head and on the tail loss, each along its own
-    gradient, and no head perturbation after the first ceil(gamma * T) epochs (stage 2 = ImbSAM):
-
-        G = grad L_head(w + eps_head) + grad L_tail(w + eps_tail)
-        eps_group = rho_group * g_group / ||g_group||,   g_group = grad L_group(w)
-
-    n_i indexes the groups: 0 = head, 1 = tail. The seed README's call order, 4 forwards and 4
-    backwards (the test suite runs the snippet verbatim):
-        L_head(model(x)).backward();  compute_and_add_epsilon(0)          # w -> w + eps_head
+    gradient, and no head perturbation after the first ⌈γT⌉ epochs (stage 2 = ImbSAM):
+        G = ∇L_head(w + ε_head) + ∇L_tail(w + ε_tail),   ε_g = ρ_g · ∇L_g(w) / ‖∇L_g(w)‖
+    The seed README's call order, 4F+4B (n_i: 0 head, 1 tail); ssesam_step needs fewer passes:
+        L_head(model(x)).backward();  compute_and_add_epsilon(0)          # w -> w + ε_head
         L_head(model(x)).backward();  compute_grad_sum_and_restore_p()    # G = its grad; back to w
-        L_tail(model(x)).backward();  compute_and_add_epsilon(1)          # w -> w + eps_tail
+        L_tail(model(x)).backward();  compute_and_add_epsilon(1)          # w -> w + ε_tail
         L_tail(model(x)).backward();  compute_grad_sum_and_restore_p()    # G += its grad; back to w
-        update()          # SGD step with G, once per batch
-        update_rho()      # once per epoch
-    ssesam_step, below, makes the same update in the same order with fewer passes.
-    """
+        update()  # base step with G;   and once per epoch: update_rho()"""
 
     _own_state = ("k",)
 
     def __init__(self, optimizer, model, head_rho, tail_rho, gamma=0, total_epochs=200):
         super().__init__(optimizer, model, head_rho, tail_rho)
-        if not 0 <= gamma < 1:
-            raise ValueError(f"gamma must lie in [0, 1), got {gamma}")
-        if total_epochs < 1:
-            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
+        if not (0 <= gamma < 1 and total_epochs >= 1):
+            raise ValueError(f"need 0 <= gamma < 1 and total_epochs >= 1, got {gamma}, {total_epochs}")
         self.head_rho0, self.tail_rho, self.gamma, self.total_epochs = head_rho, tail_rho, gamma, total_epochs
         self.k = 0                                            # epochs finished (update_rho() calls)
-        self.G = [torch.zeros_like(p) for p in self.params]   # the gradient sum over the groups
+        self.G = [torch.zeros_like(p) for p in self.params]   # the gradient summed over the groups
 
-    # ---- the stage switch, all of it ------------------------------------------------------------
+    # ---- the stage switch, all of it: ρ_head = 0 once ⌈γT⌉ epochs are finished
     @property
-    def cut(self):
-        """ceil(gamma * T), the number of stage-1 epochs. Rounded first: 0.07 * 100 is
-        7.000000000000001 in floating point, and the switch belongs after epoch 7, not 8."""
+    def cut(self):  # ⌈γT⌉ with γT as a decimal: 0.07 · 100 is 7.000000000000001 in floating point
         return math.ceil(round(self.gamma * self.total_epochs, 9))
 
     @property
-    def head_rho(self):
-        """rho_head in stage 1 (fewer than cut epochs finished), 0 in stage 2. rho_tail never changes."""
+    def head_rho(self):  # ρ_tail never changes
         return self.head_rho0 if self.k < self.cut else 0.0
 
-    def update_rho(self):
-        """Call once after every epoch."""
+    def update_rho(self):  # once after every epoch
         self.k += 1
 
-    # ---------------------------------------------------------------------------------------------
-    def end_epoch(self):
-        self.update_rho()
+    end_epoch = update_rho
 
     @property
-    def rhos(self):
+    def rhos(self):  # (ρ_head, ρ_tail), indexed by n_i (the official rho_is)
         return (self.head_rho, self.tail_rho)
 
-    @property
-    def rho_is(self):  # the official name: [rho_head, rho_tail], indexed by n_i
-        return list(self.rhos)
-
-    def compute_and_add_epsilon(self, n_i, grads=None):
-        """w <- w + eps for group n_i, along its gradient (.grad, or `grads`); then .grad = 0, so
-        that the backward at w + eps starts from zero (the official method does the same)."""
-        self.climb(self.rho_is[n_i], self.grads() if grads is None else grads)
+    # ---- the seed API
+    def compute_and_add_epsilon(self, n_i, grads=None):  # w <- w + ε along grads or .grad; .grad = 0
+        self.climb(self.rhos[n_i], self.grads() if grads is None else grads)
         self.zero_grad()
 
     @torch.no_grad()
     def add_grad(self, grads):
-        """G <- G + grads."""
-        torch._foreach_add_(self.G, grads)
+        torch._foreach_add_(self.G, grads)  # G <- G + grads
 
-    def compute_grad_sum_and_restore_p(self):
-        """G <- G + .grad (the gradient at w + eps); then w is restored and .grad = 0."""
+    def compute_grad_sum_and_restore_p(self):  # G <- G + .grad, the gradient at w + ε; back to w
         self.add_grad(self.grads())
         self.restore()
         self.zero_grad()
 
     @torch.no_grad()
-    def update(self):
-        """Base optimizer step with .grad = G; then .grad = 0 and G = 0 for the next batch."""
+    def update(self):  # base step with .grad = G; then .grad = 0 and G = 0 for the next batch
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -692,30 +615,35 @@ class SSESAM(_Climb):
 
 
 def ssesam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
-    """SSESAM's update in the seed's order, head then tail, with 3F+4B before the switch and 2F+3B
-    after it. The seed's forward at w for the tail repeats the head's (same w, same batch), so one
-    forward gives both gradients at w; and a group with rho = 0 has eps = 0, so its gradient at
-    w + eps is its gradient at w, already known. imbsam_weight is unused: SSE-SAM divides by B."""
-    logits, loss_i = forward(model, criterion, x, y)    # F1 at w, the only pass that feeds BN stats
-    w = sample_weights(criterion, y)                    # all 1 unless DRW re-weights the classes
-    L = split_losses(loss_i, tail, "batch", w)          # (L_head, L_tail), each divided by B
-    # g_head, g_tail = grad L_head(w), grad L_tail(w): two backwards through F1's graph (B1, B2),
-    # returned rather than added into .grad, where the two would mix
-    g = [torch.autograd.grad(L[n_i], opt.params, retain_graph=n_i == 0, allow_unused=True,
-                             materialize_grads=True) for n_i in (0, 1)]
-    for n_i in (0, 1):                                  # head, then tail
-        if opt.rho_is[n_i] == 0:                        # the head in stage 2: eps = 0
-            opt.add_grad(g[n_i])                        # G += grad L(w)
-            continue
-        opt.compute_and_add_epsilon(n_i, g[n_i])        # w -> w + eps
+    """SSESAM's update, head then tail, in 3F+4B (2F+3B once ρ_head = 0). The seed's forward at w
+    for the tail repeats the head's (same w, same batch): one forward gives both gradients at w.
+    imbsam_weight is unused: SSE-SAM divides both groups by B."""
+    logits = model(x)                                    # F1 at w, the one pass that feeds BN stats
+    loss_i = criterion(logits, y)                        # (B,) ℓ_i
+    omega = sample_weights(criterion, y)                 # (B,) all 1 unless DRW re-weights
+    L_head, L_tail = split_losses(loss_i, tail, "batch", omega)  # Σ_{i in group} ℓ_i / B
+    # g_head = ∇L_head(w), g_tail = ∇L_tail(w): two backwards through F1's graph (B1, B2)
+    g_head = torch.autograd.grad(L_head, opt.params, retain_graph=True, materialize_grads=True)
+    g_tail = torch.autograd.grad(L_tail, opt.params, materialize_grads=True)
+
+    def climbed_loss(n_i):  # L_head or L_tail at the weights the climb reached
         with frozen_bn_stats(model):
-            split_losses(forward(model, criterion, x, y)[1], tail, "batch", w)[n_i].backward()  # F, B
-        opt.compute_grad_sum_and_restore_p()            # G += grad L(w + eps); back to w
-    opt.update()                                        # SGD step with G
+            return split_losses(criterion(model(x), y), tail, "batch", omega)[n_i]
+
+    # the head: G = ∇L_head(w + ε_head); in stage 2 ρ_head = 0, so ε_head = 0 and that is g_head
+    if opt.head_rho > 0:
+        opt.compute_and_add_epsilon(HEAD, g_head)        # w -> w + ε_head
+        climbed_loss(HEAD).backward()                    # F2, B3: ∇L_head(w + ε_head)
+        opt.compute_grad_sum_and_restore_p()             # G <- ∇L_head(w + ε_head); back to w
+    else:
+        opt.add_grad(g_head)                             # G <- g_head, without a pass
+    # the tail: G <- G + ∇L_tail(w + ε_tail)
+    opt.compute_and_add_epsilon(TAIL, g_tail)            # w -> w + ε_tail
+    climbed_loss(TAIL).backward()                        # F3, B4: ∇L_tail(w + ε_tail)
+    opt.compute_grad_sum_and_restore_p()                 # G <- G + ∇L_tail(w + ε_tail); back to w
+    opt.update()                                         # base step with G
     return logits.detach(), loss_i.detach()
-
-
-STEPS = {"sgd": sgd_step, "sam": sam_step, "imbsam": imbsam_step, "ssesam": ssesam_step}
+# ---- copy to here --------------------------------------------------------------------------
 
 
 # =============================================================================================
@@ -723,539 +651,37 @@ STEPS = {"sgd": sgd_step, "sam": sam_step, "imbsam": imbsam_step, "ssesam": sses
 # =============================================================================================
 
 def shot_groups(counts, n_max):
-    """Many: n > n_max / 5, Few: n < n_max / 25, Medium: the rest (CIFAR-100: >100, <20)."""
+    """Many: n > n_max / 5, Few: n < n_max / 25, Medium: the rest (CIFAR-100: > 100, < 20)."""
     n = torch.tensor(counts)
     many, few = n > n_max / 5, n < n_max / 25
     return {"many": many, "med": ~many & ~few, "few": few}
 
 
 @torch.no_grad()
-def evaluate(model, x_test, y_test, counts, n_max, batch_size=1000, amp=False):
+def evaluate(model, x_test, y_test, counts, n_max, batch_size=1000):
     """Accuracies in percent: avg (mean per class), many, med, few; *_tta with flip averaging."""
     was_training = model.training
     model.eval()  # BN uses its running statistics
     C = len(counts)
     hits = torch.zeros(2, C, device=x_test.device)
     for i in range(0, len(y_test), batch_size):
-        x = normalize(x_test[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
-        y = y_test[i:i + batch_size]
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            z = model(x).float()
-            z_tta = (z + model(x.flip(3)).float()) / 2  # average the image's and its mirror's logits
+        x, y = normalize(x_test[i:i + batch_size]), y_test[i:i + batch_size]
+        z = model(x)
+        z_tta = (z + model(x.flip(3))) / 2  # the logits of the image and its mirror, averaged
         for j, logits in enumerate((z, z_tta)):
             hits[j].index_add_(0, y, (logits.argmax(1) == y).float())
     per_class = hits.cpu().double() / torch.bincount(y_test.cpu(), minlength=C).clamp(min=1) * 100
     model.train(was_training)
-    groups, out = shot_groups(counts, n_max), {}
+    out = {}
     for j, suffix in enumerate(("", "_tta")):
         out["avg" + suffix] = per_class[j].mean().item()
-        for name, mask in groups.items():
+        for name, mask in shot_groups(counts, n_max).items():
             out[name + suffix] = per_class[j][mask].mean().item() if mask.any() else None
     return out
 
 
 # =============================================================================================
-# CUDA graphs: the same step, recorded once and replayed (--cuda_graph)
-# =============================================================================================
-#
-# On a GPU a step of a network this small is bound by launching hundreds of small kernels from
-# Python, not by arithmetic. A CUDA graph records every kernel of one step once; a replay then
-# launches them all at once. GraphedStep wraps any step function above and gives it what a replay
-# needs:
-#   * fixed input tensors: each batch is copied into static x, y and tail buffers;
-#   * no read back to the host and no shape that depends on the data (true of every step above:
-#     torch.where masks, no .item());
-#   * the learning rate as a tensor that the schedule overwrites in place (fused SGD reads it from
-#     device memory), so that one graph serves every epoch;
-#   * one graph per variant, because Python branches are frozen when a graph is recorded: the
-#     batch size (the short last batch of an epoch) and rho (SSE-SAM's switch);
-#   * momentum buffers and .grad tensors that exist before recording, and a few warm-up steps
-#     (cudnn picks its kernels, memory is allocated) whose training is then undone in place.
-# On the CPU nothing is recorded: the step runs eagerly on the same static buffers, warm-up and
-# undo included; the tests check that this gives the plain step's weights bit for bit.
-
-_CAPTURE_LOCK = threading.Lock()  # runs in threads of one process record one graph at a time
-
-
-class GraphedStep:
-    """step(model, criterion, opt, x, y, tail, imbsam_weight) on static buffers, recorded as one
-    CUDA graph per (batch size, rho) and replayed; eager on the CPU. Build it after any resume."""
-
-    def __init__(self, step, model, opt, warmup=3):
-        self.step, self.model, self.opt, self.warmup = step, model, opt, warmup
-        dev = next(model.parameters()).device
-        self.record = dev.type == "cuda"
-        base = opt.optimizer if isinstance(opt, _Climb) else opt
-        for group in base.param_groups:  # a tensor the schedule fills in place (set_lr)
-            group["lr"] = torch.tensor(float(group["lr"]), device=dev)
-        for p in model.parameters():  # buf = 0.9 * 0 + g on the first step: what SGD does without one
-            base.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-        # everything a step changes besides scratch space: undone after each warm-up
-        self.state = [*model.parameters(), *model.buffers(),
-                      *(base.state[p]["momentum_buffer"] for p in model.parameters())]
-        self.variants = {}  # (B, rhos) -> (static x, y, tail, graph or None, static outputs)
-
-    def __call__(self, model, criterion, opt, x, y, tail, imbsam_weight="group"):
-        key = (len(y), getattr(opt, "rhos", None))
-        if key not in self.variants:
-            self.variants[key] = self._prepare(criterion, x, y, tail, imbsam_weight)
-        sx, sy, st, graph, out = self.variants[key]
-        sx.copy_(x)
-        sy.copy_(y)
-        st.copy_(tail)
-        if graph is None:
-            return self.step(self.model, criterion, self.opt, sx, sy, st, imbsam_weight)
-        graph.replay()
-        return out
-
-    def _prepare(self, criterion, x, y, tail, imbsam_weight):
-        static = (x.clone(), y.clone(), tail.clone())
-        saved = [t.clone() for t in self.state]
-        side = torch.cuda.Stream() if self.record else None
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            for _ in range(self.warmup):  # these steps train ...
-                self.step(self.model, criterion, self.opt, *static, imbsam_weight)
-        if side is not None:
-            torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():  # ... so their effect is undone, in place: a graph reads these tensors
-            for t, s in zip(self.state, saved):
-                t.copy_(s)
-        if not self.record:
-            return (*static, None, None)
-        graph = torch.cuda.CUDAGraph()
-        # records, runs nothing; one recording at a time in the process, and other threads' runs
-        # may go on meanwhile (thread_local: only this thread's calls could spoil the recording)
-        with _CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = self.step(self.model, criterion, self.opt, *static, imbsam_weight)
-        return (*static, graph, out)
-
-
-# =============================================================================================
 # Training
-# =============================================================================================
-
-def make_model_and_criterion(cfg: "Config", counts, device, memory_format=torch.contiguous_format):
-    """The network (cosine classifier for LDAM) and the per-sample loss that cfg asks for."""
-    model = build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM")
-    model = model.to(device, memory_format=memory_format)
-    criterion = LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s).to(device)
-    return model, criterion
-
-
-def make_optimizer(cfg: "Config", model):
-    # fused: SGD's whole update in one kernel for all parameters, on the CPU and on CUDA, and the
-    # one torch SGD that also reads a tensor learning rate without a host sync (GraphedStep)
-    base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
-                           fused=True)
-    if cfg.opt == "sam":
-        return SAM(base, model, cfg.rho)
-    if cfg.opt == "imbsam":
-        return ImbSAM(base, model, cfg.rho)
-    if cfg.opt == "ssesam":
-        return SSESAM(base, model, cfg.head_rho, cfg.tail_rho, cfg.gamma, cfg.epochs)
-    return base
-
-
-def lr_at(epoch: int, cfg: "Config") -> float:
-    """Cosine to 0, stepped before each epoch as the official code does: lr * (1 + cos(pi (e+1) / T)) / 2.
-    So the last epoch trains at lr 0 and only refreshes BN statistics."""
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / cfg.epochs))
-
-
-def set_lr(opt, lr: float):
-    for group in opt.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)  # in place: a recorded CUDA graph reads this very tensor
-        else:
-            group["lr"] = lr
-
-
-def train_one_epoch(model, criterion, opt, step, xs, ys, is_tail, batch_size, imbsam_weight="group",
-                    progress=None):
-    """One pass over the shuffled epoch (xs, ys), a step per batch of B (the last may be shorter).
-    Returns the per-step loss sums and the count of correct predictions at w as device tensors,
-    which the caller reads once per epoch: a read per step would stall a GPU every step."""
-    model.train()
-    N, B = len(ys), batch_size
-    step_loss = torch.zeros(math.ceil(N / B), device=ys.device)
-    correct = torch.zeros((), device=ys.device)
-    for s, i in enumerate(range(0, N, B)):
-        xb, yb = xs[i:i + B], ys[i:i + B]
-        logits, loss_i = step(model, criterion, opt, xb, yb, is_tail[yb], imbsam_weight)
-        step_loss[s] = loss_i.sum()
-        correct += (logits.argmax(1) == yb).sum()
-        if progress is not None:
-            progress(s + 1, len(step_loss))
-    if isinstance(opt, _Climb):
-        opt.end_epoch()
-    return step_loss, correct
-
-
-class ProgressLine:
-    """One terminal line rewritten in place: step k/n, seconds per step, time left in the epoch.
-    It reads only the host clock, never the device: on a GPU the host runs ahead by at most the
-    queue of launched kernels, so once that is full the rate is the device's."""
-
-    def __init__(self, epoch, epochs):
-        self.label, self.t0, self.shown = f"epoch {epoch}/{epochs}", time.time(), 0.0
-
-    def __call__(self, k, n):
-        now = time.time()
-        if now - self.shown >= 0.5 or k == n:
-            self.shown, rate = now, (now - self.t0) / k
-            sys.stdout.write(f"\r{self.label} step {k}/{n} {rate:.2f} s/step, "
-                             f"{rate * (n - k):.0f} s left\033[K")
-            sys.stdout.flush()
-
-    @staticmethod
-    def clear():
-        sys.stdout.write("\r\033[K")
-
-
-def run_epoch(cfg: "Config", epoch, model, criterion, opt, step, x_pad, y, is_tail, fmt, rng, progress):
-    """Epoch `epoch` (0-indexed): its lr and DRW weights, one pass over freshly augmented data.
-    Returns its log row; raises Diverged if the training loss turned non-finite."""
-    lr = lr_at(epoch, cfg)
-    set_lr(opt, lr)
-    if cfg.drw_epoch is not None:
-        criterion.set_drw(epoch >= cfg.drw_epoch)
-    rho_h, rho_t = getattr(opt, "rhos", (0.0, 0.0))  # SGD has none; read before end_epoch()
-    xs, ys = shuffled_epoch(x_pad, y, fmt, rng)  # the whole epoch at once, on the device
-    step_loss, correct = train_one_epoch(model, criterion, opt, step, xs, ys, is_tail,
-                                         cfg.batch_size, cfg.imbsam_weight, progress)
-    loss, train_acc = step_loss.sum().item() / len(ys), correct.item() / len(ys) * 100
-    if not math.isfinite(loss):
-        bad = (~torch.isfinite(step_loss)).nonzero()
-        where = f"step {int(bad[0]) + 1} of {len(step_loss)}" if len(bad) else "its loss sum overflowed"
-        raise Diverged(f"non-finite training loss at epoch {epoch + 1}, {where} (lr {lr:.3g})")
-    return {"epoch": epoch + 1, "lr": lr, "rho_head": rho_h, "rho_tail": rho_t, "loss": loss,
-            "train_acc": train_acc}
-
-
-def _fmt(v):
-    return "  -- " if v is None else f"{v:5.1f}"
-
-
-# --- The rolling checkpoint: everything the next epoch depends on, so a run continues bit for bit
-
-CKPT_FORMAT = "ssesam-minimal last.pt 3"
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived (raised by the handler main() installs)."""
-
-    def __init__(self, signum):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-class Diverged(Exception):
-    """The training loss turned non-finite."""
-
-
-_SIGNAL = {"defer": False, "pending": None}  # while last.pt is written, a signal waits
-
-
-def _on_signal(signum, frame):
-    if _SIGNAL["defer"]:
-        _SIGNAL["pending"] = signum
-        return
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """SIGINT / SIGTERM (as main() handles them) take effect only after the block: a Ctrl-C while
-    last.pt is written lets the epoch just finished reach the disk. Signals reach the main thread
-    only, so a run in another thread (scripts/multi_run.py) has nothing to defer."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _SIGNAL.update(defer=True, pending=None)
-    try:
-        yield
-    finally:
-        _SIGNAL["defer"] = False
-    if _SIGNAL["pending"] is not None:
-        raise Interrupted(_SIGNAL["pending"])
-
-
-def _atomic_write(path, data):
-    """Write data (str: as text, else torch.save) to path.tmp, then rename it over path: whatever
-    happens meanwhile, path holds either the old file or the whole new one."""
-    tmp = path + ".tmp"
-    try:
-        if isinstance(data, str):
-            with open(tmp, "w") as fh:
-                fh.write(data)
-        else:
-            torch.save(data, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _checkpoint(cfg, epoch, model, opt, criterion, rng, history, best, seconds):
-    """last.pt's content after `epoch` finished epochs."""
-    return {
-        "format": CKPT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": epoch,
-        "model": model.state_dict(),          # weights and BN running statistics
-        "optimizer": opt.state_dict(),        # SGD momentum buffers (and SSE-SAM's epoch counter)
-        "criterion": criterion.state_dict(),  # DRW class weights
-        "rng": rng.get_state(),               # the run's data order, crops and flips to come
-        "history": history, "best": best, "seconds": seconds,
-    }
-
-
-def _restore(ckpt, model, opt, criterion, rng, path):
-    """Load a checkpoint into the live objects; returns (history, best, epochs done, seconds)."""
-    try:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        criterion.load_state_dict(ckpt["criterion"])
-        rng.set_state(ckpt["rng"])
-        return ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["seconds"]
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        raise UsageError(f"{path} does not fit this run ({type(e).__name__}); delete it to start afresh")
-
-
-_INIT_LOCK = threading.Lock()  # runs in threads of one process seed and draw their weights in turn
-
-
-def train(cfg: "Config", data, device, log=print, ckpt_path=None, resume=None, progress=None):
-    """Train per cfg on (x, y, x_test, y_test, counts, n_max); returns (model, summary dict).
-    ckpt_path: keep the rolling checkpoint there; resume: a checkpoint (dict) to continue from;
-    progress: an updating line per step (default: when log is print and stdout a terminal)."""
-    x, y, x_test, y_test, counts, n_max = data
-    amp = device.type == "cuda"  # bf16 autocast on CUDA; fp32 weights and optimizer maths
-    if amp:
-        torch.backends.cudnn.benchmark = True  # time the convolution kernels once per shape
-    # channels_last stores (N, C, H, W) as N, H, W, C, the layout the convolution kernels prefer on
-    # CUDA and on the CPU alike; the maths is the same
-    fmt = torch.channels_last
-    with _INIT_LOCK:  # the initial weights come from the global generator, seeded here
-        torch.manual_seed(cfg.seed)
-        model, criterion = make_model_and_criterion(cfg, counts, device, fmt)
-    rng = torch.Generator(device).manual_seed(cfg.seed)  # the run's own: data order, crops, flips
-    opt = make_optimizer(cfg, model)
-    history, best, done, seconds = [], None, 0, 0.0
-    if resume is not None:
-        history, best, done, seconds = _restore(resume, model, opt, criterion, rng, ckpt_path)
-    step = GraphedStep(STEPS[cfg.opt], model, opt) if cfg.cuda_graph else STEPS[cfg.opt]
-    is_tail = torch.tensor([n < cfg.eta for n in counts], device=device)  # tail iff n_c < eta
-    x_pad = F.pad(x, (PAD,) * 4).to(device)   # (N, 3, 40, 40) uint8, zero padding as RandomCrop's
-    y, x_test, y_test = y.to(device), x_test.to(device), y_test.to(device)
-    show = (log is print and sys.stdout.isatty()) if progress is None else progress
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"{cfg.dataset} IF {cfg.imb_factor:g}: {len(y)} train images, {len(counts)} classes, "
-        f"{int(is_tail.sum())} tail (n < {cfg.eta}); {cfg.arch} {n_params / 1e6:.2f} M params; "
-        f"{cfg.opt} + {cfg.loss}; device {device}" + (", CUDA graphs" if cfg.cuda_graph else "")
-        + (f"; resumed after epoch {done}" if done else ""))
-    t_start, saved, epoch = time.time() - seconds, done, done
-    try:
-        for epoch in range(done, cfg.epochs):
-            t0, bar = time.time(), ProgressLine(epoch + 1, cfg.epochs) if show else None
-            row = run_epoch(cfg, epoch, model, criterion, opt, step, x_pad, y, is_tail, fmt, rng, bar)
-            last = epoch == cfg.epochs - 1
-            if (epoch + 1) % cfg.print_freq == 0 or last:
-                row.update(evaluate(model, x_test, y_test, counts, n_max, cfg.test_batch_size, amp))
-                best = row if best is None or row["avg"] > best["avg"] else best
-            row["seconds"] = time.time() - t0
-            history.append(row)
-            if ckpt_path is not None and ((epoch + 1) % cfg.save_every == 0 or last):
-                with _signals_deferred():
-                    _atomic_write(ckpt_path, _checkpoint(cfg, epoch + 1, model, opt, criterion, rng,
-                                                         history, best, time.time() - t_start))
-                    saved = epoch + 1
-            if bar is not None:
-                bar.clear()
-            log(_epoch_line(cfg, row, (time.time() - t_start) / (epoch + 1) * (cfg.epochs - epoch - 1)))
-    except (Interrupted, Diverged) as e:  # an unfinished epoch is dropped, never saved
-        if ckpt_path is None:
-            note = "nothing saved (no --out)"
-        elif saved == 0:
-            note = "no epoch saved yet"
-        else:
-            note = f"{ckpt_path} holds epoch {saved} of {cfg.epochs}; continue with --resume"
-        where = ""
-        if isinstance(e, Interrupted):
-            where = f" after epoch {saved}" if saved == epoch + 1 else f" during epoch {epoch + 1}"
-        e.args = (f"{e}{where}; {note}",)
-        raise
-    return model, _summary(cfg, history, best, device, n_params, time.time() - t_start)
-
-
-def _epoch_line(cfg, row, seconds_left):
-    test = " ".join(f"{k} {_fmt(row[k])}" for k in ("avg", "many", "med", "few")) if "avg" in row else " --"
-    return (f"epoch {row['epoch']:3d}/{cfg.epochs} lr {row['lr']:.5f} rho_h {row['rho_head']:.3f} "
-            f"rho_t {row['rho_tail']:.3f} loss {row['loss']:.4f} train {row['train_acc']:5.1f} | "
-            f"test {test} | {row['seconds']:.1f}s eta {seconds_left / 60:.1f}m")
-
-
-def finish(cfg: "Config", model, summary, log=print) -> dict:
-    """Report the last and the best evaluation, and write metrics.jsonl (one line per evaluated
-    epoch), summary.json and model.pt into --out, each whole or not at all. Returns the summary
-    without its history."""
-    history = summary.pop("history")
-    f, b = summary["final"], summary["best"]
-    log(f"final (epoch {f['epoch']}): avg {_fmt(f['avg'])} many {_fmt(f['many'])} med {_fmt(f['med'])} "
-        f"few {_fmt(f['few'])} | flip-TTA avg {_fmt(f['avg_tta'])} many {_fmt(f['many_tta'])} "
-        f"med {_fmt(f['med_tta'])} few {_fmt(f['few_tta'])}")
-    log(f"best on the test set (epoch {b['epoch']}, chosen on the test set, optimistic): "
-        f"avg {_fmt(b['avg'])} | flip-TTA avg {_fmt(b['avg_tta'])}")
-    log(f"{summary['seconds']:.1f}s on {summary['device_name']}")
-    if cfg.out is not None:  # summary.json last: its presence says the run is complete
-        rows = "".join(json.dumps(row) + "\n" for row in history if "avg" in row)
-        _atomic_write(os.path.join(cfg.out, "metrics.jsonl"), rows)
-        _atomic_write(os.path.join(cfg.out, "model.pt"), model.state_dict())
-        _atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
-    return summary
-
-
-def _summary(cfg, history, best, device, n_params, seconds):
-    keys = ("epoch", "avg", "many", "med", "few", "avg_tta", "many_tta", "med_tta", "few_tta")
-    return {
-        "config": dataclasses.asdict(cfg),
-        "final": {k: history[-1][k] for k in keys},
-        "best": {k: best[k] for k in keys},
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "params": n_params,
-        "seconds": seconds,
-        "history": history,
-    }
-
-
-# =============================================================================================
-# Saddle analysis: extreme Hessian eigenvalues of the head-class and the tail-class loss
-# =============================================================================================
-#
-# The paper's claim is about saddle points: SAM escapes those of the overall loss but not those of
-# the tail-class loss. At a saddle the Hessian H = grad^2 L(w) has eigenvalues of both signs, so the
-# indicator (Rangwani et al., NeurIPS 2022) is lambda_min / lambda_max of a group's loss at the
-# trained w: about 0 near a minimum, clearly negative near a saddle. H (P x P) is never formed;
-# power iteration and Lanczos need only products with it, by double backprop:
-#     H v = grad_w < grad_w L(w), v >
-# The model is in eval mode (BN uses its running statistics) and the images are not augmented, so
-# L is one fixed function of w and every product applies the same H.
-
-def group_loss_terms(model, criterion, x, y, batch_size=250):
-    """L = (1 / N) sum_i l_i over uint8 images x (N, 3, H, W), one term per batch: their sum is L,
-    and only one batch's graph is in memory at a time."""
-    p = next(model.parameters())
-    for i in range(0, len(y), batch_size):
-        xb = normalize(x[i:i + batch_size].to(p.device)).to(p.dtype)  # no augmentation
-        yield criterion(model(xb), y[i:i + batch_size].to(p.device)).sum() / len(y)
-
-
-@torch.enable_grad()
-def hvp(model, criterion, x, y, v, batch_size=250):
-    """H v, H the Hessian of L(w) = (1 / N) sum_i l_i(w) in the trainable parameters; v flat (P,)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    vs = [vi.view_as(p) for vi, p in zip(v.split([p.numel() for p in params]), params)]
-    Hv = torch.zeros_like(v)
-    for L_b in group_loss_terms(model, criterion, x, y, batch_size):  # H is a sum over the batches
-        g = torch.autograd.grad(L_b, params, create_graph=True)     # g = grad L_b, differentiable
-        # H_b v = grad_w (g . v): one more backward, through the first one
-        g_dot_v = sum((gi * vi).sum() for gi, vi in zip(g, vs))
-        Hv_b = torch.autograd.grad(g_dot_v, params, allow_unused=True, materialize_grads=True)
-        Hv += torch.cat([h.reshape(-1) for h in Hv_b])
-    return Hv
-
-
-def power_iteration(H, v0, max_iter=100, tol=1e-3):
-    """The eigenvalue of largest |lambda| of a symmetric operator H (a function v -> H v), from v0.
-    Stops when the Rayleigh quotient changes by less than tol, relatively (PyHessian's rule)."""
-    v, lam = v0 / v0.norm(), math.inf
-    for _ in range(max_iter):
-        Hv = H(v)
-        # Rayleigh quotient lambda = v^T H v for a unit v
-        lam, prev = torch.dot(v, Hv).item(), lam
-        v = Hv / Hv.norm()
-        if abs(lam - prev) < tol * abs(lam):
-            break
-    return lam
-
-
-def lambda_max(H, v0, max_iter=100, tol=1e-3):
-    """The largest eigenvalue of H by power iteration. That finds mu, the eigenvalue of largest
-    |lambda|. If mu < 0, mu is lambda_min, and H - mu I (eigenvalues lambda - mu >= 0) has the
-    largest eigenvalue lambda_max - mu."""
-    mu = power_iteration(H, v0, max_iter, tol)
-    if mu < 0:
-        mu += power_iteration(lambda v: H(v) - mu * v, v0, max_iter, tol)
-    return mu
-
-
-def lanczos(H, v0, k=30):
-    """Ritz values (ascending) of k Lanczos steps on a symmetric operator H from v0, with full
-    re-orthogonalisation. The extreme ones approach lambda_min and lambda_max from inside."""
-    n = min(k, v0.numel())
-    Q = torch.zeros(n, v0.numel(), dtype=v0.dtype, device=v0.device)  # rows: orthonormal q_1..q_n
-    Q[0] = v0 / v0.norm()
-    alpha, beta = [], []
-    for j in range(n):
-        w = H(Q[j])
-        alpha.append(torch.dot(Q[j], w).item())  # alpha_j = q_j^T H q_j
-        if j == n - 1:
-            break
-        # r = (I - Q Q^T) H q_j, twice: in floating point one pass leaves the q_i slightly
-        # non-orthogonal, and the Ritz values would then repeat (ghost eigenvalues)
-        r = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
-        r = r - Q[:j + 1].T @ (Q[:j + 1] @ r)
-        b = r.norm().item()
-        if b <= 1e-6 * w.norm().item():  # span{q_1..q_j} is invariant under H: Ritz values exact
-            break
-        beta.append(b)  # beta_j = ||r||, q_{j+1} = r / beta_j
-        Q[j + 1] = r / b
-    # T = Q^T H Q is tridiagonal, alpha on the diagonal and beta beside it; eig(T) = the Ritz values
-    a, b = torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
-    return torch.linalg.eigvalsh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
-
-
-def hessian_extremes(model, criterion, x, y, max_iter=100, tol=1e-3, k=30, seed=0, batch_size=250):
-    """lambda_max (power iteration), lambda_min (smallest Ritz value of Lanczos) and their ratio for
-    the Hessian of L(w) = (1 / N) sum_i l_i(w) over (x, y), in eval mode; the mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        p = next(model.parameters())
-        P = sum(q.numel() for q in model.parameters() if q.requires_grad)
-        v0 = torch.randn(P, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
-
-        def H(v):
-            return hvp(model, criterion, x, y, v, batch_size)
-
-        lam_max, lam_min = lambda_max(H, v0, max_iter, tol), lanczos(H, v0, k)[0].item()
-    finally:
-        model.train(was_training)
-    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio": lam_min / lam_max}
-
-
-def saddle_analysis(model, criterion, x, y, counts, eta, max_images=None, seed=0, **kw):
-    """{"head": ..., "tail": ...}: hessian_extremes (kw: max_iter, tol, k, batch_size) of L_head and
-    L_tail, the mean loss over the training images of the classes with n_c >= eta (head) or
-    n_c < eta (tail), or over a fixed random subset of max_images of them. None for an empty group."""
-    is_tail = torch.tensor([n < eta for n in counts])[y.cpu()]
-    out = {}
-    for name, mask in (("head", ~is_tail), ("tail", is_tail)):
-        idx = torch.nonzero(mask).flatten()
-        if max_images is not None:  # the subset's Hessian is an unbiased estimate of the group's
-            pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
-            idx = idx[pick[:max_images]]
-        out[name] = (hessian_extremes(model, criterion, x[idx], y[idx], seed=seed, **kw)
-                     if len(idx) else None)
-    return out
-
-
-
-
-# =============================================================================================
-# Command line: the settings (one dataclass, from which the flags are made), checks, main()
 # =============================================================================================
 
 OPTS = ("sgd", "sam", "imbsam", "ssesam")
@@ -1264,7 +690,7 @@ DATASETS = ("cifar10", "cifar100", "synthetic")
 
 
 def _arg(default, help, choices=None):
-    """A dataclass field that also carries its --help text (the CLI is built from these)."""
+    """A dataclass field that also carries its --help text (the command line is made from these)."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
@@ -1309,9 +735,8 @@ class Config:
     gpu: Optional[int] = _arg(None, "CUDA device index (falls back to CPU with a warning when the "
                                     "machine has no CUDA)")
     device: str = _arg("auto", "auto, cpu, cuda or cuda:N (--gpu wins when given)")
-    cuda_graph: bool = _arg(False, "record each training step as a CUDA graph and replay it (on the "
-                                   "CPU: the same static-buffer step, run eagerly); not yet checked "
-                                   "on a GPU, hence off by default")
+    bf16: bool = _arg(True, "on CUDA, run the network's forward passes in bf16 autocast (weights, "
+                            "loss and SGD stay fp32); --no-bf16: fp32. The CPU always runs fp32")
     print_freq: int = _arg(1, "evaluate on the test set every this many epochs (and at the last)")
     test_batch_size: int = _arg(1000, "evaluation batch size")
     out: Optional[str] = _arg(None, "folder for metrics.jsonl, summary.json, model.pt and the "
@@ -1320,9 +745,387 @@ class Config:
     resume: bool = _arg(False, "continue the run whose last.pt is in --out (same settings)")
 
 
+class Bf16Forward(nn.Module):
+    """The network as the loop runs it on CUDA: each forward in its own bf16 autocast block, logits
+    back in fp32. One block per forward, because autocast keeps bf16 copies of the weights for the
+    length of a block, and the climb changes the weights in place between two forwards."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        with torch.autocast("cuda", torch.bfloat16):
+            return self.net(x).float()
+
+
+def sgd_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
+    """The baseline: one plain SGD step on the batch mean Σℓ_i / Σω_i (1F+1B)."""
+    logits = model(x)
+    loss_i = criterion(logits, y)
+    (loss_i.sum() / sample_weights(criterion, y).sum()).backward()
+    opt.step()
+    opt.zero_grad()
+    return logits.detach(), loss_i.detach()
+
+
+STEPS = {"sgd": sgd_step, "sam": sam_step, "imbsam": imbsam_step, "ssesam": ssesam_step}
+
+
+def build_run(cfg: Config, counts, device):
+    """(net, model, criterion, opt, rng) of a fresh run: the network, with initial weights from the
+    global generator seeded with cfg.seed; what the steps call (the net, in bf16 on CUDA); the loss;
+    the optimizer; the run's own generator for its data order, crops and flips."""
+    torch.manual_seed(cfg.seed)
+    net = build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM")
+    # channels_last stores (N, C, H, W) as N, H, W, C, the layout convolution kernels prefer
+    net = net.to(device, memory_format=torch.channels_last)
+    model = Bf16Forward(net) if cfg.bf16 and device.type == "cuda" else net
+    criterion = LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s)
+    # fused: SGD's whole update in one kernel for all parameters
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
+                          fused=True)
+    if cfg.opt == "sam":
+        opt = SAM(opt, net, cfg.rho)
+    elif cfg.opt == "imbsam":
+        opt = ImbSAM(opt, net, cfg.rho)
+    elif cfg.opt == "ssesam":
+        opt = SSESAM(opt, net, cfg.head_rho, cfg.tail_rho, cfg.gamma, cfg.epochs)
+    return net, model, criterion.to(device), opt, torch.Generator(device).manual_seed(cfg.seed)
+
+
+def lr_at(epoch: int, cfg: Config) -> float:
+    """Cosine to 0, stepped before each epoch as the official code does: lr·(1 + cos(π(e+1)/T))/2.
+    So the last epoch trains at lr 0 and only refreshes the BN statistics."""
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / cfg.epochs))
+
+
+def train_one_epoch(model, criterion, opt, step, xs, ys, is_tail, batch_size, imbsam_weight="group",
+                    progress=None):
+    """One pass over the shuffled epoch (xs, ys), a step per batch of B (the last may be shorter).
+    Returns the per-step loss sums and the count of correct predictions at w as device tensors,
+    read once per epoch by the caller: a read per step would stall a GPU every step."""
+    model.train()
+    N, B = len(ys), batch_size
+    step_loss = torch.zeros(math.ceil(N / B), device=ys.device)
+    correct = torch.zeros((), device=ys.device)
+    for s, i in enumerate(range(0, N, B)):
+        xb, yb = xs[i:i + B], ys[i:i + B]
+        logits, loss_i = step(model, criterion, opt, xb, yb, is_tail[yb], imbsam_weight)
+        step_loss[s] = loss_i.sum()
+        correct += (logits.argmax(1) == yb).sum()
+        if progress is not None:
+            progress(s + 1, len(step_loss))
+    if isinstance(opt, _Climb):
+        opt.end_epoch()
+    return step_loss, correct
+
+
+class Diverged(Exception):
+    """The training loss turned non-finite."""
+
+
+def run_epoch(cfg: Config, epoch, model, criterion, opt, step, data, rng, progress=None):
+    """Epoch `epoch` (0-indexed) on data = (x_pad, y, is_tail): its lr and DRW weights, then one pass
+    over freshly augmented images. Returns its log row; raises Diverged on a non-finite loss."""
+    x_pad, y, is_tail = data
+    lr = lr_at(epoch, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    if cfg.drw_epoch is not None:
+        criterion.set_drw(epoch >= cfg.drw_epoch)
+    rho_head, rho_tail = getattr(opt, "rhos", (0.0, 0.0))  # SGD has none; read before end_epoch()
+    xs, ys = shuffled_epoch(x_pad, y, torch.channels_last, rng)  # the whole epoch, on the device
+    step_loss, correct = train_one_epoch(model, criterion, opt, step, xs, ys, is_tail,
+                                         cfg.batch_size, cfg.imbsam_weight, progress)
+    loss, train_acc = step_loss.sum().item() / len(ys), correct.item() / len(ys) * 100
+    if not math.isfinite(loss):
+        bad = (~torch.isfinite(step_loss)).nonzero()
+        where = f"step {int(bad[0]) + 1} of {len(step_loss)}" if len(bad) else "its loss sum overflowed"
+        raise Diverged(f"non-finite training loss at epoch {epoch + 1}, {where} (lr {lr:.3g})")
+    return {"epoch": epoch + 1, "lr": lr, "rho_head": rho_head, "rho_tail": rho_tail, "loss": loss,
+            "train_acc": train_acc}
+
+
+def progress_line(epoch, epochs):
+    """(k, n) -> None: rewrites one terminal line, step k/n, s/step and the time left in the epoch.
+    Host clock only: once a GPU's queue of launched kernels is full, the host keeps its pace."""
+    t0, shown = time.time(), [0.0]
+
+    def show(k, n):
+        now = time.time()
+        if now - shown[0] >= 0.5 or k == n:
+            shown[0], rate = now, (now - t0) / k
+            sys.stdout.write(f"\repoch {epoch}/{epochs} step {k}/{n} {rate:.2f} s/step, "
+                             f"{rate * (n - k):.0f} s left\033[K")
+            sys.stdout.flush()
+    return show
+
+
+# ---- The rolling checkpoint last.pt: everything the next epoch depends on
+
+CKPT_FORMAT = "ssesam-minimal last.pt 4"
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived (raised by the handler main() installs)."""
+
+    def __init__(self, signum):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+_SIGNAL = {"hold": False, "pending": None}  # while last.pt is written, a signal waits
+
+
+def _on_signal(signum, frame):
+    if not _SIGNAL["hold"]:
+        raise Interrupted(signum)
+    _SIGNAL["pending"] = signum
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT / SIGTERM, as main() handles them, take effect after the block: a Ctrl-C while
+    last.pt is written lets the epoch just finished reach the disk."""
+    _SIGNAL.update(hold=True, pending=None)
+    try:
+        yield
+    finally:
+        _SIGNAL["hold"] = False
+    if _SIGNAL["pending"] is not None:
+        raise Interrupted(_SIGNAL["pending"])
+
+
+def _atomic_write(path, data):
+    """Write data (str: as text, else torch.save) to path.tmp, then rename it over path: path holds
+    the old file or the whole new one, never a part."""
+    tmp = path + ".tmp"
+    try:
+        if isinstance(data, str):
+            with open(tmp, "w") as fh:
+                fh.write(data)
+        else:
+            torch.save(data, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _checkpoint(cfg, epoch, net, opt, criterion, rng, history, best, seconds):
+    """last.pt's content after `epoch` finished epochs."""
+    return {"format": CKPT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": epoch,
+            "model": net.state_dict(),            # weights and BN running statistics
+            "optimizer": opt.state_dict(),        # SGD momentum (and SSE-SAM's epoch counter)
+            "criterion": criterion.state_dict(),  # DRW class weights
+            "rng": rng.get_state(),               # the run's data order, crops and flips to come
+            "history": history, "best": best, "seconds": seconds}
+
+
+def _restore(ckpt, net, opt, criterion, rng, path):
+    """Load a checkpoint into the live objects; returns (history, best, epochs done, seconds)."""
+    try:
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        criterion.load_state_dict(ckpt["criterion"])
+        rng.set_state(ckpt["rng"])
+        return ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["seconds"]
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{path} does not fit this run ({type(e).__name__}); delete it to start afresh")
+
+
+# ---- train(): schedule, evaluation, logs and last.pt around train_one_epoch
+
+def _fmt(v):
+    return "  -- " if v is None else f"{v:5.1f}"
+
+
+def _epoch_line(cfg, row, seconds_left):
+    test = " ".join(f"{k} {_fmt(row[k])}" for k in ("avg", "many", "med", "few")) if "avg" in row else " --"
+    return (f"epoch {row['epoch']:3d}/{cfg.epochs} lr {row['lr']:.5f} rho_h {row['rho_head']:.3f} "
+            f"rho_t {row['rho_tail']:.3f} loss {row['loss']:.4f} train {row['train_acc']:5.1f} | "
+            f"test {test} | {row['seconds']:.1f}s eta {seconds_left / 60:.1f}m")
+
+
+def _stop_note(e, cfg, ckpt_path, saved, epoch):
+    """Where an interrupted or diverged run stopped and what it left, for its one line."""
+    where = ""
+    if isinstance(e, Interrupted):
+        where = f" after epoch {saved}" if saved == epoch + 1 else f" during epoch {epoch + 1}"
+    if ckpt_path is None:
+        return f"{where}; nothing saved (no --out)"
+    if saved == 0:
+        return f"{where}; no epoch saved yet"
+    return f"{where}; {ckpt_path} holds epoch {saved} of {cfg.epochs}; continue with --resume"
+
+
+def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, progress=None,
+          wrap_step=None):
+    """Train per cfg on data = (x, y, x_test, y_test, counts, n_max); returns (net, summary dict).
+    ckpt_path: where to keep last.pt; resume: a checkpoint dict to continue; progress: count the
+    steps on one line (default: when log is print and stdout a terminal); wrap_step: (step, model,
+    opt) -> the step to call instead (scripts/cuda_graph.py records it as a CUDA graph).
+    The global generator is drawn from only for the initial weights, before the first log line."""
+    x, y, x_test, y_test, counts, n_max = data
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # time conv kernels once per shape
+    net, model, criterion, opt, rng = build_run(cfg, counts, device)
+    history, best, done, seconds = [], None, 0, 0.0
+    if resume is not None:
+        history, best, done, seconds = _restore(resume, net, opt, criterion, rng, ckpt_path)
+    step = STEPS[cfg.opt] if wrap_step is None else wrap_step(STEPS[cfg.opt], model, opt)
+    is_tail = torch.tensor([n < cfg.eta for n in counts], device=device)  # tail iff n_c < η
+    epoch_data = (F.pad(x, (PAD,) * 4).to(device), y.to(device), is_tail)  # zero padding, uint8
+    x_test, y_test = x_test.to(device), y_test.to(device)
+    show = (log is print and sys.stdout.isatty()) if progress is None else progress
+    n_params = sum(p.numel() for p in net.parameters())
+    log(f"{cfg.dataset} IF {cfg.imb_factor:g}: {len(y)} train images, {len(counts)} classes, "
+        f"{int(is_tail.sum())} tail (n < {cfg.eta}); {cfg.arch} {n_params / 1e6:.2f} M params; "
+        f"{cfg.opt} + {cfg.loss}; device {device}" + (f"; resumed after epoch {done}" if done else ""))
+    t_start, saved, epoch = time.time() - seconds, done, done
+    try:
+        for epoch in range(done, cfg.epochs):
+            t0, bar = time.time(), progress_line(epoch + 1, cfg.epochs) if show else None
+            row = run_epoch(cfg, epoch, model, criterion, opt, step, epoch_data, rng, bar)
+            last = epoch == cfg.epochs - 1
+            if (epoch + 1) % cfg.print_freq == 0 or last:
+                row.update(evaluate(model, x_test, y_test, counts, n_max, cfg.test_batch_size))
+                best = row if best is None or row["avg"] > best["avg"] else best
+            row["seconds"] = time.time() - t0
+            history.append(row)
+            if ckpt_path is not None and ((epoch + 1) % cfg.save_every == 0 or last):
+                with _signals_held():
+                    _atomic_write(ckpt_path, _checkpoint(cfg, epoch + 1, net, opt, criterion, rng,
+                                                         history, best, time.time() - t_start))
+                    saved = epoch + 1
+            if bar is not None:
+                sys.stdout.write("\r\033[K")  # clear the progress line
+            log(_epoch_line(cfg, row, (time.time() - t_start) / (epoch + 1) * (cfg.epochs - epoch - 1)))
+    except (Interrupted, Diverged) as e:  # an unfinished epoch is dropped, never saved
+        e.args = (f"{e}{_stop_note(e, cfg, ckpt_path, saved, epoch)}",)
+        raise
+    keys = ("epoch", "avg", "many", "med", "few", "avg_tta", "many_tta", "med_tta", "few_tta")
+    return net, {"config": dataclasses.asdict(cfg), "final": {k: history[-1][k] for k in keys},
+                 "best": {k: best[k] for k in keys}, "device": str(device),
+                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "params": n_params, "seconds": time.time() - t_start,
+                 "history": history}
+
+
+def finish(cfg: Config, net, summary, log=print) -> dict:
+    """Report the last and the best evaluation; write metrics.jsonl (one line per evaluated epoch),
+    model.pt and summary.json into --out, each whole or not at all. Returns the summary without
+    its history."""
+    history = summary.pop("history")
+    f, b = summary["final"], summary["best"]
+    log(f"final (epoch {f['epoch']}): avg {_fmt(f['avg'])} many {_fmt(f['many'])} med {_fmt(f['med'])} "
+        f"few {_fmt(f['few'])} | flip-TTA avg {_fmt(f['avg_tta'])} many {_fmt(f['many_tta'])} "
+        f"med {_fmt(f['med_tta'])} few {_fmt(f['few_tta'])}")
+    log(f"best on the test set (epoch {b['epoch']}, chosen on the test set, optimistic): "
+        f"avg {_fmt(b['avg'])} | flip-TTA avg {_fmt(b['avg_tta'])}")
+    log(f"{summary['seconds']:.1f}s on {summary['device_name']}")
+    if cfg.out is not None:  # summary.json last: its presence says the run is complete
+        rows = "".join(json.dumps(row) + "\n" for row in history if "avg" in row)
+        with _signals_held():
+            _atomic_write(os.path.join(cfg.out, "metrics.jsonl"), rows)
+            _atomic_write(os.path.join(cfg.out, "model.pt"), net.state_dict())
+            _atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+# =============================================================================================
+# Saddle analysis: extreme Hessian eigenvalues of the head-class and the tail-class loss
+# =============================================================================================
+#
+# The paper's claim is about saddle points: SAM escapes those of the overall loss but not those of
+# the tail-class loss. At a saddle the Hessian H = ∇²L(w) has eigenvalues of both signs, so the
+# indicator (Rangwani et al., NeurIPS 2022) is λ_min / λ_max of a group's loss at the trained w:
+# about 0 near a minimum, clearly negative near a saddle. H (P x P) is never formed: Lanczos needs
+# only products with it, by double backprop, H v = ∇_w <∇_w L(w), v>. The model is in eval mode
+# and the images are not augmented, so that every product applies the same H.
+
+@torch.enable_grad()
+def hvp(model, criterion, x, y, v, batch_size=250):
+    """H v, H the Hessian of L(w) = (1 / N) Σ_i ℓ_i(w) over uint8 images x (N, 3, H, W), in the
+    trainable parameters; v flat (P,). L is a sum of one term per batch, and so is H v."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    vs = [vi.view_as(p) for vi, p in zip(v.split([p.numel() for p in params]), params)]
+    Hv = torch.zeros_like(v)
+    for i in range(0, len(y), batch_size):  # one batch's graph in memory at a time
+        xb = normalize(x[i:i + batch_size].to(v.device)).to(v.dtype)  # no augmentation
+        L_b = criterion(model(xb), y[i:i + batch_size].to(v.device)).sum() / len(y)
+        g = torch.autograd.grad(L_b, params, create_graph=True)     # g = ∇L_b, differentiable
+        g_dot_v = sum((gi * vi).sum() for gi, vi in zip(g, vs))     # H_b v = ∇_w (g · v)
+        Hv_b = torch.autograd.grad(g_dot_v, params, allow_unused=True, materialize_grads=True)
+        Hv += torch.cat([h.reshape(-1) for h in Hv_b])
+    return Hv
+
+
+def lanczos(H, v0, k=30):
+    """Ritz values (ascending) of k Lanczos steps on a symmetric operator H (a function v -> H v)
+    from v0, with full re-orthogonalisation. The extreme ones approach λ_min and λ_max from inside,
+    faster than power iteration would with as many products."""
+    n = min(k, v0.numel())
+    Q = torch.zeros(n, v0.numel(), dtype=v0.dtype, device=v0.device)  # rows: orthonormal q_1..q_n
+    Q[0] = v0 / v0.norm()
+    alpha, beta = [], []
+    for j in range(n):
+        w = H(Q[j])
+        alpha.append(torch.dot(Q[j], w).item())  # α_j = q_jᵀ H q_j
+        if j == n - 1:
+            break
+        # r = (I - Q Qᵀ) H q_j, twice: one pass leaves the q_i slightly non-orthogonal in floating
+        # point, and the Ritz values would then repeat (ghost eigenvalues)
+        r = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
+        r = r - Q[:j + 1].T @ (Q[:j + 1] @ r)
+        b = r.norm().item()
+        if b <= 1e-6 * w.norm().item():  # span{q_1..q_j} is invariant under H: Ritz values exact
+            break
+        beta.append(b)  # β_j = ‖r‖, q_{j+1} = r / β_j
+        Q[j + 1] = r / b
+    # T = Qᵀ H Q is tridiagonal, α on the diagonal and β beside it; eig(T) = the Ritz values
+    a, b = torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
+    return torch.linalg.eigvalsh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
+
+
+def hessian_extremes(model, criterion, x, y, k=30, seed=0, batch_size=250):
+    """λ_min and λ_max (the extreme Ritz values of k Lanczos steps) and λ_min / λ_max for the
+    Hessian of L(w) = (1 / N) Σ_i ℓ_i(w) over (x, y), in eval mode; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        P = sum(q.numel() for q in model.parameters() if q.requires_grad)
+        v0 = torch.randn(P, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
+        ritz = lanczos(lambda v: hvp(model, criterion, x, y, v, batch_size), v0, k)
+    finally:
+        model.train(was_training)
+    lam_min, lam_max = ritz[0].item(), ritz[-1].item()
+    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio": lam_min / lam_max}
+
+
+def saddle_analysis(model, criterion, x, y, counts, eta, max_images=None, seed=0, **kw):
+    """{"head": ..., "tail": ...}: hessian_extremes (kw: k, batch_size) of L_head and L_tail, the
+    mean loss over the training images of the classes with n_c ≥ η (head) or n_c < η (tail), or
+    over a fixed random subset of max_images of them. None for an empty group."""
+    is_tail = torch.tensor([n < eta for n in counts])[y.cpu()]
+    out = {}
+    for name, mask in (("head", ~is_tail), ("tail", is_tail)):
+        idx = torch.nonzero(mask).flatten()
+        if max_images is not None:  # the subset's Hessian is an unbiased estimate of the group's
+            pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
+            idx = idx[pick[:max_images]]
+        out[name] = (hessian_extremes(model, criterion, x[idx], y[idx], seed=seed, **kw)
+                     if len(idx) else None)
+    return out
+
+
+# =============================================================================================
+# Command line: the flags (made from Config), checks, main()
+# =============================================================================================
+
 # settings a --resume may change: where the run happens and how often it reports, not what it computes
-RUN_ONLY = ("data_dir", "gpu", "device", "cuda_graph", "print_freq", "test_batch_size", "out",
-            "save_every", "resume")
+RUN_ONLY = ("data_dir", "gpu", "device", "print_freq", "test_batch_size", "out", "save_every", "resume")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1331,7 +1134,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI, derived field by field from Config so that each setting is declared once."""
+    """The command line, made field by field from Config, so that each setting is declared once."""
     p = _Parser(prog="ssesam_minimal.py", description="SSE-SAM on long-tailed CIFAR.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
@@ -1345,8 +1148,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_config(cfg: Config) -> None:
-    """Reject settings that would run but mean nothing, each with one line that says why."""
+def parse_config(argv=None) -> Config:
+    """Flags -> a Config, after rejecting settings that would run but mean nothing, each with one
+    line that says why."""
+    cfg = Config(**vars(build_parser().parse_args(argv)))
     if not cfg.imb_factor >= 1:
         raise UsageError(f"--imb_factor must be >= 1 (the ratio n_max / n_min), got {cfg.imb_factor}"
                          + ("; 0.01 means 100 here" if 0 < cfg.imb_factor < 1 else ""))
@@ -1363,6 +1168,8 @@ def check_config(cfg: Config) -> None:
         raise UsageError(f"--drw_epoch must be >= 0, got {cfg.drw_epoch}")
     if cfg.resume and cfg.out is None:
         raise UsageError("--resume needs --out: the folder whose last.pt it continues")
+    data_counts(cfg.dataset, cfg.imb_factor)  # every class keeps at least one image
+    return cfg
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -1372,16 +1179,13 @@ def resolve_device(cfg: Config) -> torch.device:
               file=sys.stderr)
         return torch.device("cpu")
     name = f"cuda:{cfg.gpu}" if cfg.gpu is not None else cfg.device
-    flag = f"--gpu {cfg.gpu}" if cfg.gpu is not None else f"--device {cfg.device}"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+    flag = f"--gpu {cfg.gpu}" if cfg.gpu is not None else f"--device {cfg.device}"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise UsageError(f"{flag}: expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+    dev = torch.device(name)
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise UsageError(f"{flag}: no such CUDA device ({torch.cuda.device_count()} visible)")
     return dev
 
@@ -1394,16 +1198,9 @@ def load_checkpoint(path: str) -> dict:
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it to "
                          f"start afresh")
     if not (isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT):
-        raise UsageError(f"{path} is not a checkpoint of ssesam_minimal.py; delete it to start afresh")
+        raise UsageError(f"{path} is not a checkpoint of this version of ssesam_minimal.py; delete "
+                         f"it to start afresh")
     return ckpt
-
-
-def config_diff(saved: dict, cfg: Config) -> list:
-    """'--name now (last.pt: then)' for every setting that changes what the run computes."""
-    now, absent = dataclasses.asdict(cfg), "(absent)"
-    names = [k for k in now if k not in saved] + list(saved)
-    return [f"--{k} {now.get(k, absent)} (last.pt: {saved.get(k, absent)})" for k in names
-            if k not in RUN_ONLY and now.get(k, absent) != saved.get(k, absent)]
 
 
 def prepare_out(cfg: Config):
@@ -1416,8 +1213,11 @@ def prepare_out(cfg: Config):
     if cfg.resume:
         if not os.path.isfile(path):
             raise UsageError(f"--resume: there is no {path} to continue")
-        ckpt = load_checkpoint(path)
-        diff = config_diff(ckpt["config"], cfg)
+        ckpt, now, absent = load_checkpoint(path), dataclasses.asdict(cfg), "(absent)"
+        # every setting that changes what the run computes must be what it was
+        diff = [f"--{k} {now.get(k, absent)} (last.pt: {ckpt['config'].get(k, absent)})"
+                for k in dict.fromkeys([*now, *ckpt["config"]])
+                if k not in RUN_ONLY and now.get(k, absent) != ckpt["config"].get(k, absent)]
         if diff:
             raise UsageError(f"--resume: these settings differ from {path}'s: {', '.join(diff)}")
         return ckpt
@@ -1433,33 +1233,30 @@ def prepare_out(cfg: Config):
     return None
 
 
-def main(argv=None) -> dict:
-    """The CLI: parse, check, load, train, report, write --out. Returns the summary dict.
-    Exit codes: 2 bad input, 1 non-finite loss, 128 + signal number when interrupted."""
-    in_main_thread = threading.current_thread() is threading.main_thread()
+def main(argv=None, wrap_step=None) -> dict:
+    """The command line: parse, check, load, train, report, write --out. Returns the summary.
+    Exit codes: 2 bad input, 1 non-finite loss, 128 + signal number when interrupted.
+    wrap_step: as in train()."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    if in_main_thread:  # SIGINT / SIGTERM -> Interrupted: train() saves, main() prints one line
-        for s in handlers:
-            signal.signal(s, _on_signal)
+    for s in handlers:  # SIGINT / SIGTERM -> Interrupted: train() stops, main() prints one line
+        signal.signal(s, _on_signal)
     try:
-        cfg = Config(**vars(build_parser().parse_args(argv)))
-        check_config(cfg)
+        cfg = parse_config(argv)
         device = resolve_device(cfg)
         resume = prepare_out(cfg)
-        data = load_data(cfg)
+        data = load_data(cfg.dataset, cfg.data_dir, cfg.imb_factor, cfg.subset_seed)
         if cfg.out is not None:
             os.makedirs(cfg.out, exist_ok=True)
         ckpt_path = None if cfg.out is None else os.path.join(cfg.out, "last.pt")
-        model, summary = train(cfg, data, device, ckpt_path=ckpt_path, resume=resume)
+        net, summary = train(cfg, data, device, ckpt_path=ckpt_path, resume=resume, wrap_step=wrap_step)
+        return finish(cfg, net, summary)
     except (UsageError, Interrupted, Diverged) as e:  # one line on stderr, never a traceback
         code = 2 if isinstance(e, UsageError) else 1 if isinstance(e, Diverged) else 128 + e.signum
         print(f"ssesam_minimal.py: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
         raise SystemExit(code)
     finally:
-        if in_main_thread:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-    return finish(cfg, model, summary)
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":
