@@ -1,40 +1,19 @@
 """multi_run.py -- several trainings in one process, each in its own thread (and CUDA stream).
 
     python scripts/multi_run.py "FLAGS OF RUN 1" "FLAGS OF RUN 2" ...
-    python scripts/multi_run.py "--opt sgd --out runs/sgd" "--opt ssesam --out runs/ssesam" \
-        "--opt sam --out runs/sam --resume"
+    python scripts/multi_run.py "--opt sgd --out runs/sgd" "--opt ssesam --out runs/ssesam --cuda_graph"
 
-Each argument is one run's ssesam_minimal.py flags, split as a shell would (shlex). Why: a ResNet-32
-step at batch 64 leaves a large GPU mostly idle. Separate processes on one GPU take turns (without
-MPS their kernels do not run at the same time); in one process each run gets its own CUDA stream,
-so the kernels of different runs can overlap, most of all when each step is one replayed CUDA
-graph (--cuda_graph). On the CPU the runs' threads share the cores.
-
-What is shared and what is not. The runs must agree on the data (--dataset, --imb_factor,
---subset_seed, and --data_dir for CIFAR) and on the device; the data is read once and shared
-read-only. Everything else is each run's own: its network, optimizer, data order (each run draws
-from its own torch.Generator), checkpoint and outputs. The initial weights are drawn one run at a
-time (sm._INIT_LOCK), so on the CPU every run gives bit for bit what `python ssesam_minimal.py`
-with the same flags gives (tested). On CUDA nothing is bitwise repeatable anyway.
-
-Outputs are main()'s: --out gets metrics.jsonl, summary.json, model.pt and the rolling last.pt;
-a run's log lines are appended to <out>/train.log (flushed per line), or, without --out, printed
-to stdout as "[k] line" (k = the run's place on the command line, from 1). At the end one line per
-run: its out folder (or [k]), final Avg and seconds, then the wall time of all.
-
-Exit codes: 0 all runs finished; 2 bad input (one line on stderr, before anything trains, nothing
-written); 1 one or more runs failed (a non-finite loss, or any error): the others run on to their
-end, then one stderr line per failed run names its folder and the error, which also goes to its
-train.log. 130 (SIGINT) / 143 (SIGTERM): Python threads cannot be interrupted, so the main thread
-prints one line and ends the process at once (os._exit), after any run that is writing its final
-outputs has finished writing them. Every last.pt is written whole or not at all (write, then
-rename), so each run's last.pt holds its last finished epoch, and the same command with --resume
-added to a run's flags continues it (scripts/reproduce.sh adds it by itself). What is lost: the
-unfinished epoch of each run, and a stray last.pt.tmp if a checkpoint was being written (the next
-write replaces it).
+Each argument holds one run's ssesam_minimal.py flags, split as a shell would; --cuda_graph records
+that run's steps as CUDA graphs (cuda_graph.py). Why: a small network leaves a large GPU mostly
+idle; processes on one GPU take turns, while in one process each run's kernels go to its own CUDA
+stream and can overlap. The runs share the data (read once) and the device. Outputs are
+ssesam_minimal.py's; a run's lines go to <out>/train.log (without --out: stdout, as "[k] line").
+Exit codes: 0; 2 bad input (one line, before anything trains); 1 a run failed (the others go on);
+130 / 143 on SIGINT / SIGTERM (one line; each last.pt holds its run's last finished epoch).
 """
 
 import contextlib
+import importlib
 import io
 import os
 import shlex
@@ -46,222 +25,158 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repo root (ssesam_minimal.py), cuda_graph.py's
 import ssesam_minimal as sm  # noqa: E402
 
 PROG = "multi_run.py"
 USAGE = f'usage: {PROG} "FLAGS OF RUN 1" ["FLAGS OF RUN 2" ...]   (ssesam_minimal.py flags per run)'
-
-_PRINT_LOCK = threading.Lock()   # one stdout line at a time from the runs' threads
-_FINISH_LOCK = threading.Lock()  # held while a run writes its final outputs; an interrupt waits for it
+_PRINT_LOCK = threading.Lock()  # one stdout line at a time from the runs' threads
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived (raised in the main thread by the handler main() installs)."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
-def _data_key(cfg):
-    """What the data is: runs that differ here cannot share it."""
-    key = {"dataset": cfg.dataset, "imb_factor": cfg.imb_factor, "subset_seed": cfg.subset_seed}
-    if cfg.dataset != "synthetic":  # the synthetic set is made in memory: no folder is read
-        key["data_dir"] = os.path.realpath(cfg.data_dir)
-    return key
-
-
-def _same_device(dev):
-    """cuda and cuda:0 are one device when 0 is the current one."""
-    if dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return dev
+def _raise(signum, frame):  # SIGINT / SIGTERM in the main thread; the runs' threads cannot be stopped
+    raise sm.Interrupted(signum)
 
 
 def parse_runs(args):
-    """[(cfg, checkpoint to resume or None)] and the shared device, or UsageError."""
+    """[(cfg, checkpoint to resume or None, wrap_step or None)] and the shared device; or UsageError."""
     if not args:
         raise sm.UsageError("no run given; " + USAGE.split(": ", 1)[1])
-    runs, devices, warnings = [], [], []
+    runs, outs, warnings = [], {}, io.StringIO()
     for k, text in enumerate(args, start=1):
         try:
             argv = shlex.split(text)
-        except ValueError as e:
-            raise sm.UsageError(f"run {k}: cannot split its flags ({e})")
-        if "-h" in argv or "--help" in argv:
-            raise sm.UsageError(f"run {k}: --help: see python ssesam_minimal.py --help for the flags")
-        try:
-            cfg = sm.Config(**vars(sm.build_parser().parse_args(argv)))
-            sm.check_config(cfg)
-            buf = io.StringIO()
-            with contextlib.redirect_stderr(buf):  # --gpu without CUDA: its warning once, not per run
-                devices.append(_same_device(sm.resolve_device(cfg)))
-            warnings += [w for w in buf.getvalue().splitlines() if w not in warnings]
-        except sm.UsageError as e:
+            if "-h" in argv or "--help" in argv:
+                raise sm.UsageError("--help: see python ssesam_minimal.py --help for the flags")
+            cfg = sm.parse_config([a for a in argv if a != "--cuda_graph"])
+            with contextlib.redirect_stderr(warnings):  # --gpu without CUDA: its warning once
+                dev = sm.resolve_device(cfg)
+            resume = sm.prepare_out(cfg)  # exactly main()'s checks of --out and --resume
+        except (ValueError, sm.UsageError) as e:  # ValueError: shlex's unbalanced quote
             raise sm.UsageError(f"run {k}: {e}")
-        runs.append(cfg)
-    first = _data_key(runs[0])
-    for k, cfg in enumerate(runs[1:], start=2):
-        for name, value in _data_key(cfg).items():
-            if first.get(name) != value:
-                raise sm.UsageError(f"run {k} differs from run 1 in --{name} ({value} vs "
-                                    f"{first.get(name)}): all runs share one data set")
-        if devices[k - 1] != devices[0]:
-            raise sm.UsageError(f"run {k} differs from run 1 in its device ({devices[k - 1]} vs "
-                                f"{devices[0]}): all runs share one device")
-    outs = {}
-    for k, cfg in enumerate(runs, start=1):
-        if cfg.out is None:
-            continue
-        real = os.path.realpath(cfg.out)
+        dev = torch.device("cuda", torch.cuda.current_device()) if str(dev) == "cuda" else dev  # cuda:N
+        first, first_dev = (runs[0][0], runs[0][3]) if runs else (cfg, dev)
+        synthetic = cfg.dataset == "synthetic"  # made in memory: no folder is read
+        for name in ("dataset", "imb_factor", "subset_seed") + (() if synthetic else ("data_dir",)):
+            if getattr(cfg, name) != getattr(first, name):
+                raise sm.UsageError(f"run {k} differs from run 1 in --{name} ({getattr(cfg, name)} vs "
+                                    f"{getattr(first, name)}): all runs share one data set")
+        if dev != first_dev:
+            raise sm.UsageError(f"run {k} differs from run 1 in its device ({dev} vs {first_dev}): all "
+                                f"runs share one device")
+        real = cfg.out and os.path.realpath(cfg.out)
         if real in outs:
             raise sm.UsageError(f"runs {outs[real]} and {k} both write --out {cfg.out}")
-        outs[real] = k
-    resumes = []
-    for k, cfg in enumerate(runs, start=1):
-        try:
-            resumes.append(sm.prepare_out(cfg))  # exactly main()'s checks of --out and --resume
-        except sm.UsageError as e:
-            raise sm.UsageError(f"run {k}: {e}")
-    for w in warnings:
-        print(w, file=sys.stderr)
-    return list(zip(runs, resumes)), devices[0]
+        outs.update({real: k} if real else {})
+        wrap = importlib.import_module("cuda_graph").GraphedStep if "--cuda_graph" in argv else None
+        runs.append((cfg, resume, wrap, dev))
+    sys.stderr.write("".join(dict.fromkeys(warnings.getvalue().splitlines(True))))
+    return [run[:3] for run in runs], runs[0][3]
 
 
 class RunLog:
-    """A run's log: appended to <out>/train.log and flushed per line, or '[k] line' on stdout."""
+    """A run's log: <out>/train.log, flushed per line, or '[k] line' on stdout. `started` is set
+    at the first line train() logs."""
 
-    def __init__(self, k, cfg):
-        self.k = k
+    def __init__(self, k, cfg, header):
+        self.k, self.started = k, threading.Event()
         self.fh = open(os.path.join(cfg.out, "train.log"), "a") if cfg.out is not None else None
+        self.write(header)
+
+    def write(self, line):
+        with _PRINT_LOCK:
+            out = self.fh or sys.stdout
+            prefix = "" if self.fh else f"[{self.k}] "
+            out.write("".join(f"{prefix}{part}\n" for part in str(line).split("\n")))
+            out.flush()
 
     def __call__(self, line=""):
-        if self.fh is not None:
-            self.fh.write(f"{line}\n")
-            self.fh.flush()
-            return
-        with _PRINT_LOCK:
-            sys.stdout.write("".join(f"[{self.k}] {part}\n" for part in str(line).split("\n")))
-            sys.stdout.flush()
-
-    def close(self):
-        if self.fh is not None:
-            self.fh.close()
+        self.write(line)
+        self.started.set()
 
 
-def _one_line(e):
-    """An exception as one line: train()'s own messages as they are, others with their type."""
-    if isinstance(e, (sm.Diverged, sm.UsageError)):
-        text = str(e)
-    else:
-        text = f"{type(e).__name__}: {e}"
-    return " ".join(text.split())
-
-
-def run_one(k, n, cfg, resume, data, device, result):
-    """Train and finish one run in the calling thread; result gets ("ok", summary, seconds) or
-    ("failed", one-line message). Never raises."""
-    t0, log = time.time(), None
+def run_one(k, cfg, resume, wrap, data, device, log, result):
+    """Train and finish one run in the calling thread; result[k] = ("ok", summary) or ("failed",
+    one line). Never raises."""
     try:
-        log = RunLog(k, cfg)
-        log(f"{PROG}: run {k} of {n} in one process, one thread" + (" and one CUDA stream" if
-                                                                  device.type == "cuda" else "") + " each")
         if device.type == "cuda":
             torch.cuda.set_device(device)  # the current device is per thread
-            ctx = torch.cuda.stream(torch.cuda.Stream(device))  # this run's kernels: its own queue
-        else:
-            ctx = contextlib.nullcontext()
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         ckpt_path = None if cfg.out is None else os.path.join(cfg.out, "last.pt")
-        with ctx:
-            model, summary = sm.train(cfg, data, device, log=log, ckpt_path=ckpt_path, resume=resume,
-                                      progress=False)
-            with _FINISH_LOCK:
-                summary = sm.finish(cfg, model, summary, log=log)
-        result[k] = ("ok", summary, time.time() - t0)
+        with torch.cuda.stream(stream) if stream else contextlib.nullcontext():  # this run's own queue
+            net, summary = sm.train(cfg, data, device, log=log, ckpt_path=ckpt_path, resume=resume,
+                                    progress=False, wrap_step=wrap)
+            result[k] = ("ok", sm.finish(cfg, net, summary, log=log))
     except BaseException as e:  # noqa: B902 -- a run's failure must not reach the other threads
-        msg = _one_line(e)
-        result[k] = ("failed", msg, time.time() - t0)
-        if log is not None:
-            if not isinstance(e, (sm.Diverged, sm.UsageError)):  # unexpected: keep the traceback
-                log(traceback.format_exc().rstrip())
-            log(f"{PROG}: {msg}")
+        expected = isinstance(e, (sm.Diverged, sm.UsageError))
+        msg = " ".join((str(e) if expected else f"{type(e).__name__}: {e}").split())
+        if not expected:  # unexpected: keep the traceback in the run's log
+            log.write(traceback.format_exc().rstrip())
+        log.write(f"{PROG}: {msg}")
+        result[k] = ("failed", msg)
     finally:
-        if log is not None:
-            log.close()
-
-
-def _where(k, cfg):
-    return cfg.out if cfg.out is not None else f"[{k}]"
-
-
-def _interrupted(code, name, started):
-    """One line on stderr, then the end of the process: the runs' threads cannot be stopped."""
-    if not started:
-        print(f"{PROG}: interrupted by {name} before any run started", file=sys.stderr)
-        raise SystemExit(code)
-    _FINISH_LOCK.acquire(timeout=60)  # a run writing its final outputs finishes them; none starts after
-    print(f"{PROG}: interrupted by {name}; the runs stop with their unfinished epoch; each run's "
-          f"last.pt holds its last finished epoch: continue with --resume", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        log.started.set()  # a run that failed before its first line lets the next one start
+        if log.fh is not None:
+            log.fh.close()
 
 
 def main(argv=None) -> list:
-    """The CLI: check every run, load the data once, train all runs in threads, report. Returns
-    the runs' summaries (as sm.finish returns them) in command-line order."""
+    """The command line: check every run, load the data once, train all in threads, report.
+    Returns the runs' summaries (as sm.finish returns them) in command-line order."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args in (["-h"], ["--help"]):
-        print(__doc__.split("\n\n")[0] + "\n\n" + USAGE)
+        print(__doc__ + USAGE)
         return []
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    if in_main_thread:  # also where SIGINT came in ignored (a background job of a script), as main()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    started, threads, result = False, [], {}
+    # our own handlers, also where a script started us with SIGINT ignored
+    old = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads, result = [], {}
     try:
-        try:
-            runs, device = parse_runs(args)
-            data = sm.load_data(runs[0][0])
-            for cfg, _ in runs:
-                if cfg.out is not None:
-                    os.makedirs(cfg.out, exist_ok=True)
-        except sm.UsageError as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            raise SystemExit(2)
+        runs, device = parse_runs(args)
+        cfg0 = runs[0][0]
+        data = sm.load_data(cfg0.dataset, cfg0.data_dir, cfg0.imb_factor, cfg0.subset_seed)
+        for cfg, _, _ in runs:
+            if cfg.out is not None:
+                os.makedirs(cfg.out, exist_ok=True)
         t0 = time.time()
-        for k, (cfg, resume) in enumerate(runs, start=1):
-            t = threading.Thread(target=run_one, args=(k, len(runs), cfg, resume, data, device, result),
-                                 name=f"run{k}", daemon=True)
-            t.start()
-            started = True
-            threads.append(t)
+        for k, (cfg, resume, wrap) in enumerate(runs, start=1):
+            log = RunLog(k, cfg, f"{PROG}: run {k} of {len(runs)} in one process, one thread"
+                         + (" and one CUDA stream" if device.type == "cuda" else "") + " each")
+            run = (k, cfg, resume, wrap, data, device, log, result)
+            threads.append(threading.Thread(target=run_one, args=run, daemon=True))
+            threads[-1].start()
+            # the next run starts once this one logged its first line: by then it has drawn its initial
+            # weights from torch's global generator, the one thing runs share. So on the CPU each run
+            # gives bit for bit what it gives alone. Short waits: a signal reaches this thread between them.
+            while not log.started.wait(0.2):
+                pass
         for t in threads:
             while t.is_alive():
-                t.join(0.2)  # short waits: a signal reaches the main thread between them
-    except KeyboardInterrupt:
-        _interrupted(128 + signal.SIGINT, "SIGINT", started)
-    except _Terminated:
-        _interrupted(128 + signal.SIGTERM, "SIGTERM", started)
+                t.join(0.2)
+    except sm.UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except sm.Interrupted as e:
+        print(f"{PROG}: {e}" + ("; each run's last.pt holds its last finished epoch: continue with --resume"
+                                if threads else " before any run started"), file=sys.stderr, flush=True)
+        if not threads:
+            raise SystemExit(128 + e.signum)
+        sys.stdout.flush()
+        os._exit(128 + e.signum)  # the threads stop in their unfinished epoch; last.pt is never partial
     finally:
-        if in_main_thread:
-            for s, h in old.items():
-                signal.signal(s, h)
-    wall = time.time() - t0
+        for s, h in old.items():
+            signal.signal(s, h)
     failed = []
-    for k, (cfg, _) in enumerate(runs, start=1):
-        status, value, seconds = result[k]
+    for k, (cfg, _, _) in enumerate(runs, start=1):
+        where = cfg.out if cfg.out is not None else f"[{k}]"
+        status, value = result[k]
         if status == "ok":
-            print(f"{_where(k, cfg)}: final avg {value['final']['avg']:.2f}, {value['seconds']:.1f} s")
+            print(f"{where}: final avg {value['final']['avg']:.2f}, {value['seconds']:.1f} s")
         else:
-            failed.append(f"{PROG}: run {k} ({_where(k, cfg)}) failed: {value}")
-    print(f"all runs: {wall:.1f} s wall, {len(runs) - len(failed)} of {len(runs)} finished")
-    sys.stdout.flush()
+            failed.append(f"{PROG}: run {k} ({where}) failed: {value}")
+    print(f"all runs: {time.time() - t0:.1f} s wall, {len(runs) - len(failed)} of {len(runs)} finished",
+          flush=True)
     if failed:
-        for line in failed:
-            print(line, file=sys.stderr)
+        print("\n".join(failed), file=sys.stderr)
         raise SystemExit(1)
     return [result[k][1] for k in range(1, len(runs) + 1)]
 

@@ -1,0 +1,559 @@
+"""Tests for the scripts in scripts/. Each re-derives its result the obvious way and compares.
+
+CPU, no network; the tests that need CUDA have "cuda" in their names and skip without it. Each
+script is imported inside its tests (fixtures), so that one broken script fails its own tests and
+no others. In this process the synthetic data set is made smaller (49 training and 50 test
+images); the commands run as subprocesses use the real one. Those subprocesses take seconds each, so
+they start together in threads before the first test and run while the in-process tests do.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import io
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(SCRIPTS)
+for _path in (REPO, SCRIPTS):  # ssesam_minimal and the scripts, however pytest was started
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+import ssesam_minimal as sm  # noqa: E402
+
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
+SMALL = "--dataset synthetic --arch resnet8 --eta 10 --batch_size 20 --device cpu"  # 49 images: 2 x 20 + 9
+SLOW_JOBS = {}  # test name -> a function (folder) that runs that test's subprocesses
+
+
+# =============================================================================================
+# Fixtures and helpers
+# =============================================================================================
+
+@pytest.fixture(scope="module", autouse=True)
+def small_synthetic():
+    """One torch thread (two OpenMP threads on a busy 2-core machine run many times slower), and
+    the synthetic data set at a tenth of its size (49 images for IF 100), with 5 test images per class."""
+    counts_of, make = sm.data_counts, sm.synthetic_cifar
+
+    def small_counts(dataset, imb_factor):
+        counts, n_max = counts_of(dataset, imb_factor)  # the real checks first
+        return ([max(1, n // 10) for n in counts], n_max // 10) if dataset == "synthetic" else (counts, n_max)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sm, "data_counts", small_counts)
+        mp.setattr(sm, "synthetic_cifar", functools.partial(make, n_test=5))
+        yield
+    torch.set_num_threads(threads)
+
+
+class Background:
+    """SLOW_JOBS of the selected tests, each in a thread of its own; result(name) waits for one."""
+
+    def __init__(self, jobs, folder_of):
+        self.results, self.threads = {}, {}
+        for name, job in jobs.items():
+            self.threads[name] = threading.Thread(target=self._run, args=(name, job, folder_of(name)))
+            self.threads[name].daemon = True
+            self.threads[name].start()
+
+    def _run(self, name, job, folder):
+        try:
+            self.results[name] = job(folder)
+        except BaseException as e:  # noqa: B902 -- raised again in the test that asks for it
+            self.results[name] = e
+
+    def result(self, name):
+        self.threads[name].join(timeout=600)
+        if isinstance(self.results.get(name), BaseException):
+            raise self.results[name]
+        return self.results[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(request, tmp_path_factory):
+    selected = {getattr(item, "originalname", item.name) for item in request.session.items}
+    return Background({n: job for n, job in SLOW_JOBS.items() if n in selected}, tmp_path_factory.mktemp)
+
+
+def slow_job(test_name):
+    def register(fn):
+        SLOW_JOBS[test_name] = fn
+        return fn
+    return register
+
+
+@pytest.fixture
+def slow_result(request, background):
+    """What the requesting test's SLOW_JOBS entry returned."""
+    return background.result(request.node.originalname)
+
+
+@pytest.fixture
+def cuda_graph():
+    return importlib.import_module("cuda_graph")
+
+
+@pytest.fixture
+def multi_run():
+    return importlib.import_module("multi_run")
+
+
+@pytest.fixture
+def bench():
+    return importlib.import_module("bench")
+
+
+def expect_exit(main, argv, code, capsys):
+    """main(argv) must exit with `code` and write exactly one line, no traceback, on stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == code, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def run_outputs(out):
+    """(model.pt's state, metrics rows and summary, each without timings)."""
+    state = torch.load(os.path.join(out, "model.pt"), map_location="cpu", weights_only=True)
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        rows = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in fh]
+    with open(os.path.join(out, "summary.json")) as fh:
+        summary = {k: v for k, v in json.load(fh).items() if k != "seconds"}
+    summary["config"].pop("out")
+    return state, rows, summary
+
+
+def assert_same_run(a, b):
+    (state_a, rows_a, sum_a), (state_b, rows_b, sum_b) = run_outputs(a), run_outputs(b)
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:
+        assert torch.equal(state_a[k], state_b[k]), k  # bit for bit, BN buffers included
+    assert rows_a == rows_b and sum_a == sum_b
+
+
+# SSE-SAM across its switch (after epoch 1) and the start of DRW (epoch 2), and plain SGD
+ALONE = {"ssesam": f"{SMALL} --opt ssesam --epochs 2 --gamma 0.5 --drw_epoch 1 --lr 0.05",
+         "sgd": f"{SMALL} --opt sgd --epochs 2 --lr 0.05"}
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    """ALONE's runs made by ssesam_minimal.py's main(): the references."""
+    outs = {}
+    for name, args in ALONE.items():
+        outs[name] = str(tmp_path_factory.mktemp("alone") / name)
+        sm.main(args.split() + ["--out", outs[name]])
+    return outs
+
+
+# =============================================================================================
+# cuda_graph.py
+# =============================================================================================
+
+@pytest.mark.parametrize("name", sm.OPTS)
+def test_graphed_step_on_the_cpu_gives_the_plain_steps_weights_bit_for_bit(name, cuda_graph):
+    # 2 epochs of 29 images in batches of 16 (the last has 13), a new lr every epoch; SSE-SAM
+    # switches after epoch 1 (gamma 0.5, T 2), so it records 4 variants: 2 batch sizes x 2 rhos
+    cfg = sm.Config(opt=name, arch="resnet8", lr=0.1, gamma=0.5, epochs=2, eta=15)
+    counts = [40, 20, 10, 5]
+    is_tail = torch.tensor([n < cfg.eta for n in counts])
+    runs, calls = {}, []
+    for graphed in (False, True):
+        net, model, criterion, opt, _ = sm.build_run(cfg, counts, CPU)
+        step = sm.STEPS[name]
+        if graphed:
+            def counted(*a, **k):
+                calls.append(len(a[4]))
+                return sm.STEPS[name](*a, **k)
+            step = cuda_graph.GraphedStep(counted, model, opt, warmup=2)
+        g, states = torch.Generator().manual_seed(5), []
+        for epoch in range(2):
+            for group in opt.param_groups:  # as sm.run_epoch sets it: a float
+                group["lr"] = sm.lr_at(epoch, cfg) + 0.01
+            xs, ys = torch.randn(29, 3, 8, 8, generator=g), torch.randint(0, 4, (29,), generator=g)
+            step_loss, correct = sm.train_one_epoch(model, criterion, opt, step, xs, ys, is_tail, 16)
+            states.append((cuda_graph.snapshot(net, opt), step_loss, correct))
+        runs[graphed] = states
+    for (plain, loss_a, correct_a), (static, loss_b, correct_b) in zip(runs[False], runs[True]):
+        assert plain.keys() == static.keys() and all(torch.equal(plain[k], static[k]) for k in plain)
+        assert torch.equal(loss_a, loss_b) and torch.equal(correct_a, correct_b)
+    variants = 4 if name == "ssesam" else 2
+    assert len(calls) == 2 * variants + 4  # each variant warmed up twice (and undone), then 4 steps
+    assert [type(g["lr"]) for g in opt.param_groups] == [float]  # the schedule's next float fits
+    assert step.lr[0].item() == torch.tensor(sm.lr_at(1, cfg) + 0.01).item()  # filled before the step
+    if name == "ssesam":
+        assert opt.k == 2 and opt.head_rho == 0.0
+
+
+CHECK = SMALL.split() + ["--check", "--gamma", "0.5", "--steps", "6", "--epochs", "2", "--batch_size", "8"]
+
+
+def printed(fn, *args, **kwargs):
+    """(fn's result, what it printed)."""
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        return fn(*args, **kwargs), text.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cpu_check(tmp_path_factory):
+    """cuda_graph.py --check on the CPU: SSE-SAM, 2 epochs of 3 steps (batches 8 and 5), the switch
+    after the first. (result, out folder, what it printed)"""
+    out = tmp_path_factory.mktemp("check")
+    return (*printed(importlib.import_module("cuda_graph").main, CHECK + ["--out", str(out)]), out)
+
+
+def test_check_on_the_cpu_finds_exactly_no_difference_across_the_switch_and_short_batches(cpu_check):
+    result, text, out = cpu_check
+    assert result["passed"] and not result["recorded"]
+    assert result["max_rel_diff_1_step"] == 0.0 and result["max_rel_diff"] == 0.0 and result["bitwise_equal"]
+    assert result["first_step_diff_over_step"] == 0.0
+    assert 0 < result["first_step_size"] < result["weights_moved"]  # the copies trained
+    assert result["steps"] == 6 and result["batch_sizes"] == [8, 5] and result["switch_after_epoch"] == 1
+    stages = {"before the switch", "after the switch"}
+    assert set(result["ms_per_step"]["plain"]) == set(result["ms_per_step"]["graphed"]) == stages
+    assert json.loads((out / "cuda_graph_check.json").read_text()) == result
+    assert text.splitlines()[-1] == "PASSED"
+
+
+def test_check_finds_a_planted_difference_names_its_tensor_and_exits_1(cuda_graph, monkeypatch, tmp_path,
+                                                                        capsys):
+    class Planted(cuda_graph.GraphedStep):  # after its first step, conv1.weight *= 1 + 1e-3
+        def __call__(self, *args, **kwargs):
+            out = super().__call__(*args, **kwargs)
+            if not hasattr(self, "planted"):
+                self.planted = True
+                with torch.no_grad():
+                    next(self.model.parameters()).mul_(1 + 1e-3)
+            return out
+
+    monkeypatch.setattr(cuda_graph, "GraphedStep", Planted)
+    with pytest.raises(SystemExit) as exc:
+        cuda_graph.main(SMALL.split() + ["--check", "--opt", "sgd", "--steps", "4", "--epochs", "2",
+                                         "--out", str(tmp_path)])
+    assert exc.value.code == 1 and "FAILED" in capsys.readouterr().out
+    result = json.loads((tmp_path / "cuda_graph_check.json").read_text())
+    assert not result["passed"] and not result["bitwise_equal"]
+    assert result["max_rel_diff_1_step"] == pytest.approx(1e-3, rel=1e-3)  # ||1e-3 w|| / ||w||
+    assert result["worst_tensor_1_step"] == "conv1.weight" and result["max_rel_diff"] > 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--check", "--steps", "5", "--epochs", "4"], "--steps >= 2 * --epochs"),
+    (["--check", "--batch_size", "1"], "--batch_size >= 2"),
+    (["--check", "--epochs", "3"], "--gamma 0.7 puts SSE-SAM's switch after the last of the 3 epochs"),
+    (["--steps", "8"], "--steps goes with --check"),
+    (["--check", "--opt", "adam"], "argument --opt: invalid choice"),
+])
+def test_check_bad_input_exits_2_with_one_line(argv, needle, cuda_graph, capsys):
+    line = expect_exit(cuda_graph.main, ["--dataset", "synthetic"] + argv, 2, capsys)
+    assert line.startswith("cuda_graph.py: error:") and needle in line, line
+
+
+def test_cuda_graph_training_on_the_cpu_is_ssesam_minimal_py_bit_for_bit(alone, cuda_graph, tmp_path):
+    out = str(tmp_path / "graphed")  # SSE-SAM graphed across its switch in multi_run.py's test
+    summary = cuda_graph.main(ALONE["sgd"].split() + ["--out", out])
+    assert_same_run(alone["sgd"], out)
+    assert summary["final"]["epoch"] == 2
+
+
+@needs_cuda
+def test_cuda_graph_check_on_cuda_passes_across_the_switch_and_short_batches(cuda_graph):
+    result = cuda_graph.main([a.replace("cpu", "cuda") for a in CHECK] + ["--steps", "16"])
+    assert result["passed"] and result["recorded"]
+    assert result["first_step_diff_over_step"] <= 1e-2 and result["max_rel_diff"] <= 1e-2
+
+
+@needs_cuda
+def test_cuda_graphed_training_follows_the_plain_one_epoch_by_epoch(cuda_graph, tmp_path):
+    args = ALONE["ssesam"].replace("--device cpu", "--device cuda").split() + ["--epochs", "3"]
+    plain = sm.main(args + ["--out", str(tmp_path / "plain")])
+    graphed = cuda_graph.main(args + ["--out", str(tmp_path / "graphed")])
+    assert plain["device"].startswith("cuda") and graphed["device"].startswith("cuda")
+    for a, b in zip(run_outputs(tmp_path / "plain")[1], run_outputs(tmp_path / "graphed")[1]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), (a, b)  # bf16 and atomics: not bitwise
+
+
+# =============================================================================================
+# multi_run.py
+# =============================================================================================
+
+def test_multi_run_starts_each_run_after_the_one_before_drew_its_weights_and_matches_it_alone(
+        alone, multi_run, tmp_path, monkeypatch):
+    # the second run records its step as a CUDA graph (on the CPU: static buffers, eager); a slow
+    # build_run would let a run started too early draw its weights meanwhile
+    build, events = sm.build_run, []
+
+    def slow_build(cfg, *args):
+        events.append(("enter", cfg.opt))
+        time.sleep(0.1)
+        out = build(cfg, *args)
+        events.append(("exit", cfg.opt))
+        return out
+
+    monkeypatch.setattr(sm, "build_run", slow_build)
+    outs = {name: str(tmp_path / name) for name in ("sgd", "ssesam")}  # the command line's order
+    summaries = multi_run.main([f"{ALONE['sgd']} --out {outs['sgd']}",
+                                f"{ALONE['ssesam']} --cuda_graph --out {outs['ssesam']}"])
+    assert events == [("enter", "sgd"), ("exit", "sgd"), ("enter", "ssesam"), ("exit", "ssesam")]
+    for (name, out), summary in zip(outs.items(), summaries):
+        assert_same_run(alone[name], out)
+        assert summary == json.loads(open(os.path.join(out, "summary.json")).read())
+        assert sorted(os.listdir(out)) == ["last.pt", "metrics.jsonl", "model.pt", "summary.json", "train.log"]
+        log = open(os.path.join(out, "train.log")).read().splitlines()
+        assert log[0].startswith("multi_run.py: run ") and log[2].startswith("epoch   1/2")
+    assert [r["rho_head"] for r in run_outputs(outs["ssesam"])[1]] == [0.05, 0.0]  # across the switch
+
+
+@pytest.mark.parametrize("runs,needle", [
+    ([], "no run given"),
+    ([SMALL, SMALL + " --imb_factor 10"], "run 2 differs from run 1 in --imb_factor"),
+    ([SMALL, SMALL + " --dataset cifar10"], "run 2 differs from run 1 in --dataset"),
+    ([SMALL + " --subset_seed 1", SMALL], "in --subset_seed"),
+    ([SMALL, SMALL + " --device cuda:7"], "run 2: --device cuda:7: no such"),
+    ([SMALL + " --out {tmp}/a", SMALL + " --out {tmp}/b/../a"], "both write --out"),
+    ([SMALL, SMALL + " --opt adam"], "run 2: argument --opt"),
+    ([SMALL, SMALL + " --out {tmp}/x --resume"], "run 2: --resume: there is no"),
+    ([SMALL + " --lr '0.1"], "run 1: No closing quotation"),
+])
+def test_multi_run_bad_input_exits_2_with_one_line_before_anything_trains(runs, needle, multi_run, tmp_path,
+                                                                        capsys, monkeypatch):
+    trained = []
+    monkeypatch.setattr(sm, "train", lambda *a, **k: trained.append(1))
+    line = expect_exit(multi_run.main, [r.format(tmp=tmp_path) for r in runs], 2, capsys)
+    assert line.startswith("multi_run.py: error:") and needle in line, line
+    assert not trained and os.listdir(tmp_path) == []  # nothing written
+
+
+def test_a_failing_run_does_not_stop_the_other_and_the_exit_code_is_1(multi_run, tmp_path, capsys):
+    # run 2 diverges in its first step (lr 1e12 / 2); run 1 (no --out: "[1] ..." on stdout) trains on
+    args, bad = f"{SMALL} --opt sgd --epochs 2", tmp_path / "bad"
+    with pytest.raises(SystemExit) as exc:
+        multi_run.main([args, f"{args} --lr 1e12 --out {bad}"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 1
+    assert "[1] final (epoch 2)" in out and "[1]: final avg" in out and "1 of 2 finished" in out
+    assert len(err.splitlines()) == 1 and re.fullmatch(
+        rf"multi_run.py: run 2 \({re.escape(str(bad))}\) failed: non-finite training loss at epoch 1, "
+        rf"step \d of 3 \(lr 5e\+11\); no epoch saved yet", err.strip()), err
+    assert sorted(os.listdir(bad)) == ["train.log"]  # no epoch finished: nothing saved
+    assert (bad / "train.log").read_text().splitlines()[-1] == err.strip().replace(f"run 2 ({bad}) failed: ", "")
+
+
+@needs_cuda
+def test_multi_run_on_cuda_trains_a_graphed_and_an_eager_run_alike_side_by_side(multi_run, tmp_path):
+    args = ALONE["ssesam"].replace("--device cpu", "--device cuda")
+    multi_run.main([f"{args} --cuda_graph --out {tmp_path / 'g'}", f"{args} --out {tmp_path / 'e'}"])
+    for a, b in zip(run_outputs(tmp_path / "e")[1], run_outputs(tmp_path / "g")[1]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), (a, b)
+
+
+# =============================================================================================
+# bench.py
+# =============================================================================================
+
+PASSES = {"sgd": "1F+1B", "sam": "2F+2B", "imbsam": "2F+3B", "ssesam before the switch": "3F+4B",
+          "ssesam after the switch": "2F+3B", "official ssesam": "4F+4B"}
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """bench.py on the CPU, ResNet-8, batch 4, 2 rounds of 1 step, with the graphed rows that only CUDA
+    gets by default. (result, out folder, what it printed)"""
+    out = tmp_path_factory.mktemp("bench")
+    argv = f"--device cpu --arch resnet8 --batch_size 4 --dataset synthetic --out {out}".split()
+    return (*printed(importlib.import_module("bench").main, argv, repeats=2, steps=1, graphed=True), out)
+
+
+def test_bench_reports_the_passes_of_every_step_and_its_time_against_the_official_one(tiny_bench):
+    result, text, out = tiny_bench
+    rows = result["rows"]
+    assert {k: r["passes"] for k, r in rows.items() if "graphed" not in k} == PASSES
+    assert {k: r["passes"] for k, r in rows.items() if "graphed" in k} == \
+        {f"{k}, graphed": "graph" for k in PASSES if k != "official ssesam"}
+    official = statistics.median(rows["official ssesam"]["ms"])
+    for name, r in rows.items():
+        assert len(r["ms"]) == 2 and all(t > 0 for t in r["ms"]), name
+        assert r["median_ms"] == statistics.median(r["ms"]) and r["of_official"] == r["median_ms"] / official
+        assert r["kernel_ms"] is None
+    assert json.loads((out / "bench.json").read_text()) == result
+
+
+@pytest.mark.parametrize("epochs_done", [0, 7])  # before and after the switch (gamma 0.7, T 10)
+def test_official_baseline_step_gives_the_weights_of_ssesam_step_in_float64(epochs_done, bench):
+    torch.manual_seed(0)
+    ours = sm.build_model("resnet8", 4).double()
+    official = sm.build_model("resnet8", 4).double()
+    official.load_state_dict(ours.state_dict())
+    start = torch.cat([p.detach().flatten() for p in ours.parameters()])
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)  # noqa: E731
+    opt = sm.SSESAM(sgd(ours), ours, 0.05, 0.1, gamma=0.7, total_epochs=10)
+    for _ in range(epochs_done):
+        opt.update_rho()
+    off = bench.OfficialSSESAM(sgd(official), official, opt.head_rho, 0.1)  # its update_rho() zeroes rho_head
+    criterion, g = nn.CrossEntropyLoss(reduction="none"), torch.Generator().manual_seed(1)
+    for _ in range(2):  # the second step goes through SGD's momentum
+        x = torch.randn(16, 3, 8, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 4, (16,), generator=g)
+        tail = y >= 2
+        sm.ssesam_step(ours, criterion, opt, x, y, tail)
+        bench.official_ssesam_step(official, criterion, off, x, y, tail)
+    a, b = (torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (ours, official))
+    assert (a - start).norm() > 1e-3  # the steps moved the weights: the comparison can fail
+    assert torch.allclose(a, b, rtol=0, atol=1e-10)  # w + ε - ε leaves rounding residue, no more
+
+
+def test_bench_with_a_bad_imb_factor_exits_2_with_one_line(bench, capsys):
+    line = expect_exit(bench.main, ["--dataset", "synthetic", "--imb_factor", "1000"], 2, capsys)
+    assert line.startswith("bench.py: error: --imb_factor 1000")
+
+
+@needs_cuda
+def test_bench_on_cuda_reports_passes_graphed_rows_and_kernel_time(bench):
+    rows = bench.main(["--device", "cuda", "--arch", "resnet8", "--batch_size", "4", "--dataset", "synthetic"],
+                      repeats=2, steps=1)["rows"]
+    assert {k: r["passes"] for k, r in rows.items() if "graphed" not in k} == PASSES
+    graphed = {f"{k}, graphed" for k in PASSES if k != "official ssesam"}
+    assert {k for k in rows if k.endswith(", graphed")} == graphed
+    assert all(r["kernel_ms"] > 0 for k, r in rows.items() if "graphed" not in k)
+
+
+# =============================================================================================
+# reproduce.sh, results_table.py, gpu_check.sh
+# =============================================================================================
+
+REPRODUCE = dict(ENV, EPOCHS="1", ROWS="sgd", JOBS="2",
+                 EXTRA="--dataset synthetic --eta 20 --batch_size 128 --device cpu")
+
+
+def reproduce(folder, mode, seeds):
+    return subprocess.run(["bash", os.path.join(SCRIPTS, "reproduce.sh"), "resnet8", seeds], capture_output=True,
+                          text=True, env=dict(REPRODUCE, OUT_ROOT=str(folder), MODE=mode), timeout=300)
+
+
+@slow_job("test_reproduce_sh_runs_a_row_skips_it_when_done_and_prints_the_table")
+def reproduce_processes(folder):
+    return folder, reproduce(folder, "processes", "3"), reproduce(folder, "processes", "3")
+
+
+def test_reproduce_sh_runs_a_row_skips_it_when_done_and_prints_the_table(slow_result):
+    folder, first, again = slow_result
+    run = folder / "resnet8" / "sgd-seed3"
+    assert first.returncode == 0 and f"finished: {run}" in first.stdout, first.stderr
+    assert sorted(os.listdir(run)) == ["last.pt", "metrics.jsonl", "model.pt", "summary.json", "train.log"]
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = summary["config"]
+    assert [cfg[k] for k in ("opt", "seed", "arch", "epochs")] == ["sgd", 3, "resnet8", 1]
+    avg = f"{summary['final']['avg']:.1f}"
+    assert re.search(rf"^\| CE \(SGD\) \| 1 \| .* \| {re.escape(avg)} \| 44.6 \|", first.stdout, re.M), \
+        first.stdout
+    assert again.returncode == 0 and f"done already: {run}" in again.stdout and "start:" not in again.stdout
+
+
+@slow_job("test_ctrl_c_in_reproduce_sh_threads_ends_multi_run_with_one_line_130_and_each_last_pt_resumes")
+def reproduce_threads_interrupted(folder):
+    """MODE=threads: two seeds of 50 epochs in one multi_run.py process; Ctrl-C (SIGINT to the process
+    group, as a terminal sends it) once both runs have saved an epoch."""
+    env = dict(REPRODUCE, OUT_ROOT=str(folder), MODE="threads", EPOCHS="50")
+    env["EXTRA"] += " --print_freq 99"  # evaluate at the end only
+    outs = [folder / "resnet8" / f"sgd-seed{seed}" for seed in (3, 4)]
+    proc = subprocess.Popen(["bash", os.path.join(SCRIPTS, "reproduce.sh"), "resnet8", "3 4"], env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not all((out / "last.pt").exists() for out in outs) and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, stdout, stderr, outs
+
+
+def test_ctrl_c_in_reproduce_sh_threads_ends_multi_run_with_one_line_130_and_each_last_pt_resumes(slow_result):
+    code, stdout, stderr, outs = slow_result
+    lines = [line for line in stderr.splitlines() if not line.startswith("warning: no CUDA")]  # --gpu 0 here
+    assert code == 130 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("multi_run.py: interrupted by SIGINT;") and "--resume" in lines[0]
+    assert all(f"start: {out}" in stdout for out in outs)  # both runs in the one multi_run.py process
+    for out in outs:
+        ckpt = sm.load_checkpoint(str(out / "last.pt"))  # whole and readable
+        assert 1 <= ckpt["epoch"] < 50 and not (out / "summary.json").exists()
+        cfg = sm.Config(**ckpt["config"])
+        with pytest.raises(sm.UsageError, match="holds an unfinished run"):
+            sm.prepare_out(cfg)  # the same flags without --resume do not start it afresh
+        resume = sm.prepare_out(dataclasses.replace(cfg, resume=True))  # --resume accepts it ...
+        net, _, criterion, opt, rng = sm.build_run(cfg, sm.data_counts(cfg.dataset, cfg.imb_factor)[0], CPU)
+        assert sm._restore(resume, net, opt, criterion, rng, str(out))[2] == ckpt["epoch"]  # ... and it loads
+
+
+@pytest.mark.parametrize("args,env", [([], {}), (["resnet8", "0"], {"ROWS": "sgd adam"}),
+                                      (["resnet8", "0"], {"MODE": "fibers"}), (["resnet8", "0"], {"JOBS": "0"})])
+def test_reproduce_sh_rejects_bad_usage_with_exit_2_before_running_anything(args, env, tmp_path):
+    r = subprocess.run(["bash", os.path.join(SCRIPTS, "reproduce.sh")] + args, capture_output=True, text=True,
+                       env=dict(ENV, OUT_ROOT=str(tmp_path / "results"), **env), timeout=30)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and r.stdout == "", r.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_results_table_gives_mean_and_sample_std_over_seeds(tmp_path, capsys):
+    for opt, avgs in {"ssesam": [48.0, 50.0, 49.0], "sgd": [44.0]}.items():
+        for seed, avg in enumerate(avgs):
+            metrics = {"avg": avg, "many": 70.0 + seed, "med": 50.0, "few": 17.0}
+            metrics.update({k + "_tta": v + 1 for k, v in metrics.items()})
+            (tmp_path / f"{opt}-seed{seed}").mkdir()
+            (tmp_path / f"{opt}-seed{seed}" / "summary.json").write_text(json.dumps(
+                {"config": {"opt": opt, "arch": "resnet32", "epochs": 200}, "params": 470000,
+                 "device_name": "cpu", "torch": "x", "seconds": 600.0 * (seed + 1), "final": metrics,
+                 "best": {k: v + 0.5 for k, v in metrics.items()}}))
+    assert importlib.import_module("results_table").main(str(tmp_path)) == 0
+    headline, best = capsys.readouterr().out.split("Best test evaluation")
+    # avg 48, 50, 49: mean 49.0, sample std 1.0; many 70, 71, 72; minutes 10, 20, 30
+    sse = "| +SSE-SAM | 3 | {} ± 1.0 | {} ± 0.0 | {} ± 0.0 | {} ± 1.0 | 49.3 | 20.0 ± 10.0 |"
+    assert sse.format(71.0, 50.0, 17.0, 49.0) in headline
+    assert "| CE (SGD) | 1 | 70.0 | 50.0 | 17.0 | 44.0 | 44.6 | 10.0 |" in headline
+    assert sse.format(72.5, 51.5, 18.5, 50.5) in best  # the best: each + 0.5, re-scored with TTA: + 1
+    assert "+SAM" not in headline  # rows without runs are left out
+
+
+def test_gpu_check_sh_is_valid_bash():
+    r = subprocess.run(["bash", "-n", os.path.join(SCRIPTS, "gpu_check.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_gpu_check_sh_summary_gives_each_checks_status_and_numbers(cpu_check, tiny_bench, tmp_path):
+    (tmp_path / "graph_check.txt").write_text(cpu_check[1])
+    (tmp_path / "bench.txt").write_text(tiny_bench[1])
+    (tmp_path / "tests.txt").write_text("....\n4 passed, 2 skipped in 3.1s\n")
+    (tmp_path / "status.tsv").write_text("tests\t0\ngraph_check\t0\nbench\t1\n")
+    (tmp_path / "env.txt").write_text("python 3.11.7\ntorch 2.11.0\ndevice NVIDIA H200\nother lines\n")
+    r = subprocess.run(["bash", os.path.join(SCRIPTS, "gpu_check.sh"), "--summary", str(tmp_path)],
+                       env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "summary.md").read_text()
+    assert md.startswith("# gpu_check: NVIDIA H200\n\npython 3.11.7, torch 2.11.0\n")
+    assert "| tests | passed | 4 passed, 2 skipped in 3.1s |" in md and "| graph_check | passed | PASSED |" in md
+    rows = tiny_bench[0]["rows"]
+    ratios = [rows[f"ssesam {when} the switch"]["of_official"] for when in ("before", "after")]
+    assert (f"| bench | failed (exit 1) | SSE-SAM step: {ratios[0]:.3f} of the official step's time before the "
+            f"switch, {ratios[1]:.3f} after it |") in md
+    assert "\n    largest relative difference per tensor, graphed vs plain: 0 after step 1 (-), 0 after" in md
+    assert f"| official ssesam | {rows['official ssesam']['median_ms']:.2f} | 1.000 | 4F+4B | -- |" in md
