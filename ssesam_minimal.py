@@ -700,47 +700,41 @@ class Config:
     dataset: str = _arg("cifar100", "data set", DATASETS)
     data_dir: str = _arg("./datasets", "folder holding (or receiving) the CIFAR python files")
     imb_factor: float = _arg(100.0, "imbalance factor IF = n_max / n_min (>= 1; 100, not 0.01)")
-    subset_seed: Optional[int] = _arg(None, "shuffle each class with this seed before taking its "
-                                            "first n_i images (LDAM-DRW); None: file order")
+    subset_seed: Optional[int] = _arg(None, "take each class's first n_i images after a shuffle "
+                                            "with this seed (LDAM-DRW); None: file order")
     # model and loss
     arch: str = _arg("resnet32", "network; resnet34 is the official code's backbone", ARCHS)
     loss: str = _arg("CE", "per-sample loss", LOSSES)
-    tau: float = _arg(0.75, "LA/VS: weight of the additive log-prior tau * log(pi_c)")
+    tau: float = _arg(0.75, "LA/VS: weight tau of the additive log-prior tau * log(pi_c)")
     vs_gamma: float = _arg(0.05, "VS: multiplicative scale (n_c / n_max)^vs_gamma")
     ldam_max_m: float = _arg(0.5, "LDAM: margin of the rarest class")
     ldam_s: float = _arg(30.0, "LDAM: logit scale s")
-    drw_epoch: Optional[int] = _arg(None, "deferred re-weighting (beta 0.9999) from this 0-indexed "
-                                          "epoch on; None: off")
+    drw_epoch: Optional[int] = _arg(None, "deferred re-weighting (beta 0.9999) from this 0-indexed epoch")
     # optimizer
     opt: str = _arg("ssesam", "optimizer", OPTS)
     rho: float = _arg(0.05, "SAM / ImbSAM: perturbation radius rho")
-    head_rho: float = _arg(0.05, "SSE-SAM: rho_head, radius for the head classes until the switch")
-    tail_rho: float = _arg(0.10, "SSE-SAM: rho_tail, radius for the tail classes (constant)")
-    gamma: float = _arg(0.70, "SSE-SAM: rho_head = 0 after the first gamma * epochs epochs; "
-                              "0 <= gamma < 1")
+    head_rho: float = _arg(0.05, "SSE-SAM: rho_head, the head classes' radius until the switch")
+    tail_rho: float = _arg(0.10, "SSE-SAM: rho_tail, the tail classes' radius (constant)")
+    gamma: float = _arg(0.70, "SSE-SAM: rho_head = 0 after the first gamma * epochs epochs (0 <= gamma < 1)")
     eta: int = _arg(100, "ImbSAM / SSE-SAM: a class is tail iff its training count < eta")
-    imbsam_weight: str = _arg("group", "ImbSAM: 'group' divides each group's loss by its size in "
-                                       "the batch (the SSE-SAM code's baseline), 'batch' by B, "
-                                       "'imbsam_repo' by B with the tail's doubled (the ImbSAM code)",
-                              ("group", "batch", "imbsam_repo"))
+    imbsam_weight: str = _arg("group", "ImbSAM: each group's loss divided by its size in the batch "
+                                       "(group), by B (batch), or by B with the tail's doubled "
+                                       "(imbsam_repo)", ("group", "batch", "imbsam_repo"))
     # schedule
     epochs: int = _arg(200, "training epochs T")
     batch_size: int = _arg(64, "training batch size B")
     lr: float = _arg(0.01, "SGD learning rate, cosine-annealed to 0 per epoch")
     momentum: float = _arg(0.9, "SGD momentum")
     wd: float = _arg(1e-3, "SGD weight decay")
-    seed: int = _arg(9826, "seed of the initial weights and of the data order, crops and flips "
-                           "(the official default)")
+    seed: int = _arg(9826, "seed of the initial weights and of the data order, crops and flips")
     # run
-    gpu: Optional[int] = _arg(None, "CUDA device index (falls back to CPU with a warning when the "
-                                    "machine has no CUDA)")
+    gpu: Optional[int] = _arg(None, "CUDA device index (without CUDA: the CPU, with a warning)")
     device: str = _arg("auto", "auto, cpu, cuda or cuda:N (--gpu wins when given)")
-    bf16: bool = _arg(True, "on CUDA, run the network's forward passes in bf16 autocast (weights, "
-                            "loss and SGD stay fp32); --no-bf16: fp32. The CPU always runs fp32")
+    bf16: bool = _arg(True, "on CUDA, the network's forwards in bf16 autocast (weights, loss and SGD "
+                            "in fp32); --no-bf16: fp32. The CPU always runs fp32")
     print_freq: int = _arg(1, "evaluate on the test set every this many epochs (and at the last)")
     test_batch_size: int = _arg(1000, "evaluation batch size")
-    out: Optional[str] = _arg(None, "folder for metrics.jsonl, summary.json, model.pt and the "
-                                    "rolling checkpoint last.pt")
+    out: Optional[str] = _arg(None, "folder for metrics.jsonl, summary.json, model.pt and last.pt")
     save_every: int = _arg(1, "with --out: write last.pt every this many epochs (and at the last)")
     resume: bool = _arg(False, "continue the run whose last.pt is in --out (same settings)")
 
