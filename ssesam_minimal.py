@@ -542,9 +542,8 @@ def imbsam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
     opt.first_step()                                       # ... kept aside
     L_tail.backward()                                      # B2: ∇L_tail(w), through the same graph
     opt.second_step()                                      # w -> w + ε_tail
-    with frozen_bn_stats(model):
-        loss_climbed = criterion(model(x), y)              # F2 at w + ε_tail
-        split_losses(loss_climbed, tail, imbsam_weight, omega)[TAIL].backward()  # B3
+    with frozen_bn_stats(model):                           # F2, B3: ∇L_tail(w + ε_tail)
+        split_losses(criterion(model(x), y), tail, imbsam_weight, omega)[TAIL].backward()
     opt.third_step()                                       # back to w, step with G
     return logits.detach(), loss_i.detach()
 
@@ -554,12 +553,10 @@ class SSESAM(_Climb):
     """SSE-SAM (Lyu et al., AAAI 2025): SAM on the head and on the tail loss, each along its own
     gradient, and no head perturbation after the first ⌈γT⌉ epochs (stage 2 = ImbSAM):
         G = ∇L_head(w + ε_head) + ∇L_tail(w + ε_tail),   ε_g = ρ_g · ∇L_g(w) / ‖∇L_g(w)‖
-    The seed README's call order, 4F+4B (n_i: 0 head, 1 tail); ssesam_step needs fewer passes:
-        L_head(model(x)).backward();  compute_and_add_epsilon(0)          # w -> w + ε_head
-        L_head(model(x)).backward();  compute_grad_sum_and_restore_p()    # G = its grad; back to w
-        L_tail(model(x)).backward();  compute_and_add_epsilon(1)          # w -> w + ε_tail
-        L_tail(model(x)).backward();  compute_grad_sum_and_restore_p()    # G += its grad; back to w
-        update()  # base step with G;   and once per epoch: update_rho()"""
+    The seed API, for the head (n_i = 0), then the tail (n_i = 1): L_g(model(x)).backward(),
+    compute_and_add_epsilon(n_i) (w -> w + ε_g), L_g(model(x)).backward() again,
+    compute_grad_sum_and_restore_p() (G += ∇L_g(w + ε_g), back to w); then update() (the base step
+    with G) once per batch, update_rho() once per epoch. ssesam_step needs fewer passes."""
 
     _own_state = ("k",)
 
