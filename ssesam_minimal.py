@@ -959,7 +959,8 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
     opt) -> the step to call instead (scripts/cuda_graph.py records it as a CUDA graph).
     The global generator is drawn from only for the initial weights, before the first log line."""
     x, y, x_test, y_test, counts, n_max = data
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # time conv kernels once per shape
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # time the convolution kernels once per shape
     net, model, criterion, opt, rng = build_run(cfg, counts, device)
     history, best, done, seconds = [], None, 0, 0.0
     if resume is not None:

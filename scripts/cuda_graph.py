@@ -182,6 +182,9 @@ def check(cfg, data, device, steps, log=print) -> dict:
     runs = {}
     for kind in ("plain", "graphed"):
         net, model, criterion, opt, rng = sm.build_run(cfg, counts, device)
+        if getattr(opt, "cut", 0) >= E:  # SSE-SAM's own switch epoch: nothing has trained yet
+            raise sm.UsageError(f"--gamma {cfg.gamma:g} puts SSE-SAM's switch after the last of the "
+                                f"{E} epochs: use more --epochs or a smaller --gamma")
         w0, step = snapshot(net, opt), sm.STEPS[cfg.opt]
         rec = Recorder(step if kind == "plain" else GraphedStep(step, model, opt), net, opt, B, cuda)
         losses = [sm.run_epoch(schedule, e, model, criterion, opt, rec, epoch_data, rng)["loss"]
@@ -237,9 +240,6 @@ def main(argv=None):
         if steps < 2 * cfg.epochs or cfg.batch_size < 2:
             raise sm.UsageError(f"--check needs --steps >= 2 * --epochs and --batch_size >= 2 (each epoch: "
                                 f"a full and a shorter batch), got {steps}, {cfg.epochs}, {cfg.batch_size}")
-        if cfg.opt == "ssesam" and not math.ceil(round(cfg.gamma * cfg.epochs, 9)) < cfg.epochs:
-            raise sm.UsageError(f"--gamma {cfg.gamma:g} puts SSE-SAM's switch after the last of the "
-                                f"{cfg.epochs} epochs: use more --epochs or a smaller --gamma")
         device = sm.resolve_device(cfg)
         if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
             raise sm.UsageError(f"--out {cfg.out} exists and is not a folder")
