@@ -39,8 +39,10 @@ import json
 import math
 import os
 import pickle
+import platform
 import re
 import signal
+import subprocess
 import sys
 import time
 from typing import Optional
@@ -727,8 +729,9 @@ class Config:
     # run
     gpu: Optional[int] = _arg(None, "CUDA device index (without CUDA: the CPU, with a warning)")
     device: str = _arg("auto", "auto, cpu, cuda or cuda:N (--gpu wins when given)")
-    bf16: bool = _arg(True, "on CUDA, the network's forwards in bf16 autocast (weights, loss and SGD "
-                            "in fp32); --no-bf16: fp32. The CPU always runs fp32")
+    bf16: Optional[bool] = _arg(None, "the network's forwards in bf16 autocast, weights, loss and SGD "
+                                      "in fp32 (--bf16), or fp32 throughout (--no-bf16); unset: bf16 "
+                                      "on CUDA, fp32 on the CPU")
     print_freq: int = _arg(1, "evaluate on the test set every this many epochs (and at the last)")
     test_batch_size: int = _arg(1000, "evaluation batch size")
     out: Optional[str] = _arg(None, "folder for metrics.jsonl, summary.json, model.pt and last.pt")
@@ -736,17 +739,24 @@ class Config:
     resume: bool = _arg(False, "continue the run whose last.pt is in --out (same settings)")
 
 
+def precision(cfg: Config, device) -> str:
+    """"bf16" or "fp32": --bf16 / --no-bf16, else bf16 on CUDA only (a CPU without bf16 instructions
+    runs it slower than fp32, and the tests' bit-for-bit checks are fp32)."""
+    return "bf16" if (device.type == "cuda" if cfg.bf16 is None else cfg.bf16) else "fp32"
+
+
 class Bf16Forward(nn.Module):
-    """The network as the loop runs it on CUDA: each forward in its own bf16 autocast block, logits
-    back in fp32. One block per forward, because autocast keeps bf16 copies of the weights for the
-    length of a block, and the climb changes the weights in place between two forwards."""
+    """The network as the loop runs it in bf16: each forward in its own bf16 autocast block on the
+    input's device (CUDA or CPU), logits back in fp32. One block per forward, because autocast keeps
+    bf16 copies of the weights for the length of a block, and the climb changes the weights in place
+    between two forwards."""
 
     def __init__(self, net):
         super().__init__()
         self.net = net
 
     def forward(self, x):
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast(x.device.type, torch.bfloat16):
             return self.net(x).float()
 
 
@@ -765,13 +775,13 @@ STEPS = {"sgd": sgd_step, "sam": sam_step, "imbsam": imbsam_step, "ssesam": sses
 
 def build_run(cfg: Config, counts, device):
     """(net, model, criterion, opt, rng) of a fresh run: the network, with initial weights from the
-    global generator seeded with cfg.seed; what the steps call (the net, in bf16 on CUDA); the loss;
+    global generator seeded with cfg.seed; what the steps call (the net, or the net in bf16); the loss;
     the optimizer; the run's own generator for its data order, crops and flips."""
     torch.manual_seed(cfg.seed)
     net = build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM")
     # channels_last stores (N, C, H, W) as N, H, W, C, the layout convolution kernels prefer
     net = net.to(device, memory_format=torch.channels_last)
-    model = Bf16Forward(net) if cfg.bf16 and device.type == "cuda" else net
+    model = Bf16Forward(net) if precision(cfg, device) == "bf16" else net
     criterion = LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s)
     # fused: SGD's whole update in one kernel for all parameters
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
@@ -853,9 +863,59 @@ def progress_line(epoch, epochs):
     return show
 
 
+# ---- Where each piece of a run was made: bf16 repeats bit for bit only on one CPU at one thread count
+
+def cpu_info() -> dict:
+    """The CPU: /proc/cpuinfo's model name (which can be as generic as "AMD EPYC"), so also the
+    vendor, family and model numbers, and whether it has the bf16 instructions AMX and AVX512-BF16."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:  # the first processor's entries (all processors are alike)
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    flags = info.get("flags", "").split()
+    return {"name": info.get("model name") or platform.processor() or "unknown",
+            "vendor": info.get("vendor_id", "unknown"), "family": info.get("cpu family", "unknown"),
+            "model": info.get("model", "unknown"), "amx": "amx_bf16" in flags,
+            "avx512_bf16": "avx512_bf16" in flags}
+
+
+def git_commit() -> str:
+    """The commit of the checkout this file is in, "+modified" if the file differs from it; else
+    "unknown"."""
+    here, name = os.path.split(os.path.abspath(__file__))
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        return git("rev-parse", "HEAD") + ("+modified" if git("status", "--porcelain", "--", name) else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def piece_info(cfg: Config, device) -> dict:
+    """What this piece of the run ran on and with: device, precision, CPU, threads, code, torch."""
+    return {"device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": precision(cfg, device), "cpu": cpu_info(), "threads": torch.get_num_threads(),
+            "commit": git_commit(), "torch": str(torch.__version__)}
+
+
+def _not_bit_for_bit(last, now):
+    """One line if this piece runs where the last one did not, or None."""
+    what = lambda p: (f"{p['cpu']['name']} (family {p['cpu']['family']} model {p['cpu']['model']}), "  # noqa: E731
+                      f"{p['threads']} threads, {p['device']}, {p['precision']}")
+    if what(last) == what(now):
+        return None
+    return (f"warning: this piece runs on {what(now)}, the last one ran on {what(last)}: the "
+            f"continuation will not be bit for bit like an unbroken run")
+
+
 # ---- The rolling checkpoint last.pt: everything the next epoch depends on
 
-CKPT_FORMAT = "ssesam-minimal last.pt 4"
+CKPT_FORMAT = "ssesam-minimal last.pt 5"
 
 
 class Interrupted(Exception):
@@ -904,24 +964,26 @@ def _atomic_write(path, data):
             os.remove(tmp)
 
 
-def _checkpoint(cfg, epoch, net, opt, criterion, rng, history, best, seconds):
+def _checkpoint(cfg, epoch, net, opt, criterion, rng, history, best, seconds, pieces):
     """last.pt's content after `epoch` finished epochs."""
     return {"format": CKPT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": epoch,
             "model": net.state_dict(),            # weights and BN running statistics
             "optimizer": opt.state_dict(),        # SGD momentum (and SSE-SAM's epoch counter)
             "criterion": criterion.state_dict(),  # DRW class weights
             "rng": rng.get_state(),               # the run's data order, crops and flips to come
-            "history": history, "best": best, "seconds": seconds}
+            "history": history, "best": best, "seconds": seconds,
+            "pieces": pieces}                     # where each piece ran: piece_info() and its epochs
 
 
 def _restore(ckpt, net, opt, criterion, rng, path):
-    """Load a checkpoint into the live objects; returns (history, best, epochs done, seconds)."""
+    """Load a checkpoint into the live objects; returns (history, best, epochs done, seconds,
+    pieces)."""
     try:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         criterion.load_state_dict(ckpt["criterion"])
         rng.set_state(ckpt["rng"])
-        return ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["seconds"]
+        return ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["seconds"], ckpt["pieces"]
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise UsageError(f"{path} does not fit this run ({type(e).__name__}); delete it to start afresh")
 
@@ -962,9 +1024,17 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # time the convolution kernels once per shape
     net, model, criterion, opt, rng = build_run(cfg, counts, device)
-    history, best, done, seconds = [], None, 0, 0.0
+    history, best, done, seconds, pieces = [], None, 0, 0.0, []
     if resume is not None:
-        history, best, done, seconds = _restore(resume, net, opt, criterion, rng, ckpt_path)
+        history, best, done, seconds, pieces = _restore(resume, net, opt, criterion, rng, ckpt_path)
+    piece = {**piece_info(cfg, device), "epochs": [done + 1, done]}  # its first and last epoch
+    if pieces and (warning := _not_bit_for_bit(pieces[-1], piece)):
+        print(warning, file=sys.stderr)
+    cpu = piece["cpu"]
+    if device.type == "cpu" and piece["precision"] == "bf16" and not (cpu["amx"] or cpu["avx512_bf16"]):
+        print(f"warning: {cpu['name']} has neither AMX nor AVX512-BF16: bf16 may run slower than fp32",
+              file=sys.stderr)
+    pieces = pieces + [piece]
     step = STEPS[cfg.opt] if wrap_step is None else wrap_step(STEPS[cfg.opt], model, opt)
     is_tail = torch.tensor([n < cfg.eta for n in counts], device=device)  # tail iff n_c < η
     epoch_data = (F.pad(x, (PAD,) * 4).to(device), y.to(device), is_tail)  # zero padding, uint8
@@ -973,7 +1043,8 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
     n_params = sum(p.numel() for p in net.parameters())
     log(f"{cfg.dataset} IF {cfg.imb_factor:g}: {len(y)} train images, {len(counts)} classes, "
         f"{int(is_tail.sum())} tail (n < {cfg.eta}); {cfg.arch} {n_params / 1e6:.2f} M params; "
-        f"{cfg.opt} + {cfg.loss}; device {device}" + (f"; resumed after epoch {done}" if done else ""))
+        f"{cfg.opt} + {cfg.loss}; device {device}, {piece['precision']}, torch threads {piece['threads']}"
+        + (f"; resumed after epoch {done}" if done else ""))
     t_start, saved, epoch = time.time() - seconds, done, done
     try:
         for epoch in range(done, cfg.epochs):
@@ -985,10 +1056,11 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
                 best = row if best is None or row["avg"] > best["avg"] else best
             row["seconds"] = time.time() - t0
             history.append(row)
+            piece["epochs"][1] = epoch + 1
             if ckpt_path is not None and ((epoch + 1) % cfg.save_every == 0 or last):
                 with _signals_held():
                     _atomic_write(ckpt_path, _checkpoint(cfg, epoch + 1, net, opt, criterion, rng,
-                                                         history, best, time.time() - t_start))
+                                                         history, best, time.time() - t_start, pieces))
                     saved = epoch + 1
             if bar is not None:
                 sys.stdout.write("\r\033[K")  # clear the progress line
@@ -998,9 +1070,8 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
         raise
     keys = ("epoch", "avg", "many", "med", "few", "avg_tta", "many_tta", "med_tta", "few_tta")
     return net, {"config": dataclasses.asdict(cfg), "final": {k: history[-1][k] for k in keys},
-                 "best": {k: best[k] for k in keys}, "device": str(device),
-                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "params": n_params, "seconds": time.time() - t_start,
+                 "best": {k: best[k] for k in keys}, **{k: v for k, v in piece.items() if k != "epochs"},
+                 "params": n_params, "seconds": time.time() - t_start, "pieces": pieces,
                  "history": history}
 
 
@@ -1130,8 +1201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ssesam_minimal.py", description="SSE-SAM on long-tailed CIFAR.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        if f.type is bool:  # a switch: never type=bool (argparse would read "False" as true)
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
+        if f.type in (bool, Optional[bool]):  # a switch: never type=bool ("False" would read as true)
+            action = "store_true" if f.default is False else argparse.BooleanOptionalAction
             p.add_argument(f"--{f.name}", action=action, default=f.default, help=f.metadata["help"])
             continue
         typ = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)  # Optional[X] -> X

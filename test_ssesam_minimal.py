@@ -1113,7 +1113,8 @@ def test_build_run_makes_a_channels_last_net_and_fused_sgd_that_step_like_a_plai
         assert torch.allclose(flat(net), flat(plain), rtol=0, atol=1e-5), seed  # float32 rounding
 
 
-def test_bf16_forward_runs_each_forward_in_its_own_cuda_bf16_autocast_and_returns_fp32(monkeypatch):
+def test_bf16_forward_runs_each_forward_in_its_own_bf16_autocast_on_the_inputs_device_and_returns_fp32(
+        monkeypatch):
     opened, depth = [], []
 
     @contextlib.contextmanager
@@ -1135,13 +1136,60 @@ def test_bf16_forward_runs_each_forward_in_its_own_cuda_bf16_autocast_and_return
     for n in (1, 2):
         out = model(torch.ones(2, 3))
         assert out.dtype == torch.float32 and model.net.inside == 1
-        assert opened == [("cuda", torch.bfloat16)] * n  # one block per forward
+        assert opened == [("cpu", torch.bfloat16)] * n  # one block per forward, on x's device
+
+
+@pytest.mark.parametrize("bf16,device,expected", [(None, "cpu", "fp32"), (None, "cuda", "bf16"),
+                                                  (True, "cpu", "bf16"), (False, "cuda", "fp32")])
+def test_precision_is_bf16_on_cuda_and_fp32_on_the_cpu_unless_a_flag_says(bf16, device, expected):
+    assert sm.precision(sm.Config(bf16=bf16), torch.device(device)) == expected
+    assert sm.parse_config([] if bf16 is None else ["--bf16" if bf16 else "--no-bf16"]).bf16 is bf16
 
 
 def test_precision_is_the_loops_choice_the_cpu_runs_the_net_itself_and_the_method_block_names_none():
-    net, model, *_ = sm.build_run(sm.Config(arch="resnet8", bf16=True), COUNTS, torch.device("cpu"))
+    net, model, *_ = sm.build_run(sm.Config(arch="resnet8"), COUNTS, torch.device("cpu"))
     assert model is net
+    net, model, *_ = sm.build_run(sm.Config(arch="resnet8", bf16=True), COUNTS, torch.device("cpu"))
+    assert isinstance(model, sm.Bf16Forward) and model.net is net
     assert not re.search(r"autocast|bfloat16|float16|\bbf16\b|\.half\(", method_block())
+
+
+def real_batches(n, B=64, seed=0):
+    """n batches of random 32 x 32 images, normalised and channels_last as the loop feeds them."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [sm.normalize(torch.randint(0, 256, (B, 3, 32, 32), generator=g, dtype=torch.uint8))
+          for _ in range(n)]
+    return [(x.contiguous(memory_format=torch.channels_last), torch.randint(0, C, (B,), generator=g))
+            for x in xs]
+
+
+def test_a_cpu_bf16_step_computes_its_convolutions_in_bf16_and_keeps_weights_grads_and_loss_fp32(
+        one_torch_thread):
+    cfg = sm.Config(arch="resnet8", opt="ssesam", bf16=True, epochs=2, gamma=0.5)
+    net, model, criterion, opt, _ = sm.build_run(cfg, COUNTS, torch.device("cpu"))
+    seen = []
+    net.conv1.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    (x, y), = real_batches(1)
+    logits, loss_i = sm.ssesam_step(model, criterion, opt, x, y, torch.isin(y, TAIL_CLASSES))
+    assert seen == [torch.bfloat16] * 3  # 3 forwards before the switch, each in bf16
+    assert logits.dtype == loss_i.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert all(b["momentum_buffer"].dtype == torch.float32 for b in opt.optimizer.state.values())
+
+
+@pytest.mark.parametrize("name", sm.OPTS)
+def test_four_cpu_bf16_steps_stay_within_15_percent_of_the_fp32_update(name, one_torch_thread):
+    # measured (ResNet-8, batch 64, lr 0.1, torch 2.14): 4 % (sgd, sam, ssesam) to 7 % (imbsam)
+    moved = {}
+    for bf16 in (False, True):
+        cfg = sm.Config(arch="resnet8", opt=name, bf16=bf16, lr=0.1, epochs=2, gamma=0.5)
+        net, model, criterion, opt, _ = sm.build_run(cfg, COUNTS, torch.device("cpu"))
+        w0 = flat(net).clone()
+        for x, y in real_batches(4):
+            sm.STEPS[name](model, criterion, opt, x, y, torch.isin(y, TAIL_CLASSES))
+        moved[bf16] = flat(net) - w0
+    assert (moved[True] - moved[False]).norm() <= 0.15 * moved[False].norm()
+    assert not torch.equal(moved[True], moved[False])  # bf16 did run: its rounding shows
 
 
 def test_progress_line_rewrites_one_line_at_most_every_half_second_and_always_at_the_last_step(
@@ -1238,7 +1286,7 @@ def test_a_run_prints_its_setting_one_line_per_epoch_and_the_final_and_best_eval
     lines = lines[:-1]
     assert len(lines) == 1 + 3 + 3
     assert lines[0].startswith("synthetic IF 10: 159 train images, 10 classes, 4 tail (n < 10); "
-                               "resnet8 0.08 M params; ssesam + CE; device cpu")
+                               "resnet8 0.08 M params; ssesam + CE; device cpu, fp32, torch threads 1")
     for line, row in zip(lines[1:4], straight_run.ckpt["history"]):
         test = (" --" if "avg" not in row else  # evaluated every 2nd epoch and the last; no class is few
                 f"avg {row['avg']:5.1f} many {row['many']:5.1f} med {row['med']:5.1f} few   -- ")
@@ -1270,6 +1318,21 @@ def test_a_run_writes_metrics_per_evaluated_epoch_summary_model_and_last_pt(stra
     assert (saved["device"], saved["torch"]) == ("cpu", torch.__version__)
     assert saved["params"] == sum(p.numel() for p in sm.build_model("resnet8", 10).parameters())
     assert straight_run.ckpt["epoch"] == 3 and straight_run.ckpt["optimizer"]["k"] == 3
+
+
+def test_summary_and_last_pt_record_where_the_run_ran_its_precision_threads_cpu_and_commit(straight_run):
+    with open("/proc/cpuinfo") as fh:  # the first processor's lines, read the obvious way
+        lines = [line.split(":", 1) for line in fh.read().split("\n\n")[0].splitlines()]
+    info = {k.strip(): v.strip() for k, v in lines}
+    cpu = {"name": info["model name"], "vendor": info["vendor_id"], "family": info["cpu family"],
+           "model": info["model"], "amx": "amx_bf16" in info["flags"].split(),
+           "avx512_bf16": "avx512_bf16" in info["flags"].split()}
+    git = lambda *a: subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "HEAD") + ("+modified" if git("status", "--porcelain", "ssesam_minimal.py") else "")
+    where = {"device": "cpu", "device_name": "cpu", "precision": "fp32", "cpu": cpu, "threads": 1,
+             "commit": commit or "unknown", "torch": torch.__version__}
+    assert {k: straight_run.summary[k] for k in where} == where
+    assert straight_run.summary["pieces"] == straight_run.ckpt["pieces"] == [{**where, "epochs": [1, 3]}]
 
 
 def test_model_pt_reproduces_the_final_evaluation(straight_run, monkeypatch):
@@ -1318,9 +1381,9 @@ def run_outputs(out):
     with open(out / "metrics.jsonl") as fh:
         rows = [untimed(json.loads(line)) for line in fh]
     with open(out / "summary.json") as fh:
-        summary = {k: v for k, v in json.load(fh).items() if k not in ("seconds", "config")}
+        summary = {k: v for k, v in json.load(fh).items() if k not in ("seconds", "config", "pieces")}
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    ckpt = {k: v for k, v in ckpt.items() if k not in ("seconds", "config")}
+    ckpt = {k: v for k, v in ckpt.items() if k not in ("seconds", "config", "pieces")}
     ckpt["history"], ckpt["best"] = [untimed(row) for row in ckpt["history"]], untimed(ckpt["best"])
     return torch.load(out / "model.pt", map_location="cpu", weights_only=True), rows, summary, ckpt
 
@@ -1368,6 +1431,82 @@ def test_a_run_stopped_by_sigterm_and_resumed_ends_bit_for_bit_like_the_straight
     sm.main(args + ["--resume"])
     for a, b in zip(run_outputs(straight_run.out), run_outputs(out)):
         assert same(a, b)
+
+
+def stopped_in_epoch_2(args, monkeypatch, opt="ssesam"):
+    """sm.main(args) stopped by SIGTERM in the 2nd step of epoch 2: last.pt holds epoch 1."""
+    step, calls = sm.STEPS[opt], []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == RUN_STEPS + 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(*a)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sm.STEPS, opt, interrupted)
+        with pytest.raises(SystemExit) as exc:
+            sm.main(args)
+    assert exc.value.code == 128 + signal.SIGTERM
+
+
+def test_a_cpu_bf16_run_stopped_and_resumed_at_the_same_thread_count_ends_bit_for_bit_like_its_straight_run(
+        tmp_path, monkeypatch, one_torch_thread, capsys):
+    monkeypatch.setattr(sm, "data_counts", small_synthetic)
+    args = RUN + ["--bf16"]
+    sm.main(args + ["--out", str(tmp_path / "straight")])
+    stopped_in_epoch_2(args + ["--out", str(tmp_path / "out")], monkeypatch)
+    capsys.readouterr()
+    sm.main(args + ["--out", str(tmp_path / "out"), "--resume"])
+    assert "warning" not in capsys.readouterr().err  # the same CPU and thread count: no warning
+    for a, b in zip(run_outputs(tmp_path / "straight"), run_outputs(tmp_path / "out")):
+        assert same(a, b)
+    with open(tmp_path / "out" / "summary.json") as fh:
+        pieces = json.load(fh)["pieces"]
+    assert [p["epochs"] for p in pieces] == [[1, 1], [2, 3]]
+    assert {p["precision"] for p in pieces} == {"bf16"} and {p["threads"] for p in pieces} == {1}
+
+
+@pytest.mark.parametrize("changed", ["threads", "cpu"])
+def test_a_resume_on_another_cpu_or_thread_count_says_so_in_one_line_and_goes_on(
+        changed, straight_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(straight_run.out, out)
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    last = ckpt["pieces"][-1]
+    if changed == "threads":
+        last["threads"] = 7
+    else:
+        last["cpu"] = {**last["cpu"], "name": "Other CPU", "model": "999"}
+    torch.save(ckpt, out / "last.pt")
+    monkeypatch.setattr(sm, "data_counts", small_synthetic)
+    summary = sm.main(RUN + ["--out", str(out), "--resume"])  # finished: resumes, trains nothing
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "will not be bit for bit" in err[0]
+    assert ("7 threads" if changed == "threads" else "Other CPU (family") in err[0]
+    assert summary["final"] == straight_run.summary["final"] and len(summary["pieces"]) == 2
+
+
+def test_a_class_with_exactly_eta_images_is_head_in_the_masks_the_steps_receive(tmp_path, monkeypatch,
+                                                                               one_torch_thread):
+    monkeypatch.setattr(sm, "data_counts", small_synthetic)
+    counts = small_synthetic("synthetic", 10.0)[0]  # 40, 30, 23, 18, 14, 11, 8, ...
+    eta = 14
+    assert eta in counts
+    masks = []
+
+    def recording(step, model, opt):
+        def recorded(model, criterion, opt, x, y, tail, *rest):
+            masks.append((y.clone(), tail.clone()))
+            return step(model, criterion, opt, x, y, tail, *rest)
+        return recorded
+
+    sm.main(["--dataset", "synthetic", "--imb_factor", "10", "--eta", str(eta), "--arch", "resnet8",
+             "--epochs", "1", "--device", "cpu"], wrap_step=recording)
+    assert len(masks) == RUN_STEPS
+    for y, tail in masks:  # tail iff n_c < η, so the class with n_c = η is head
+        assert torch.equal(tail, torch.tensor([counts[c] < eta for c in y.tolist()]))
+    y_all = torch.cat([y for y, _ in masks])
+    assert not torch.cat([t for _, t in masks])[y_all == counts.index(eta)].any()
 
 
 def test_resume_with_other_settings_exits_2_naming_each_and_run_only_settings_may_change(
@@ -1632,12 +1771,11 @@ def test_every_config_field_is_a_flag_that_parses_a_value_of_its_type(field, tmp
     f = {f.name: f for f in dataclasses.fields(sm.Config)}[field]
     typ = _base_type(f.type)
     parse = lambda *argv: getattr(sm.build_parser().parse_args(list(argv)), field)  # noqa: E731
-    if typ is bool:  # a switch: --name on, and --no-name off where it is on by default
+    if typ is bool:  # a switch: --name on, and --no-name off where it is on or unset by default
         assert parse(f"--{field}") is True
-        if f.default:
+        if f.default is not False:
             assert parse(f"--no-{field}") is False
-        else:
-            assert parse() is False
+        assert parse() is f.default
         return
     if f.metadata["choices"]:
         text = value = f.metadata["choices"][-1]
