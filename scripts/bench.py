@@ -1,14 +1,18 @@
 """bench.py -- the time of one training step of each optimizer against the official SSE-SAM step.
 
     python scripts/bench.py                     # ResNet-32, batch 64, CIFAR-100-LT IF 100 labels
+    python scripts/bench.py --device cpu        # the same on the CPU, fp32 against bf16
     python scripts/bench.py --device cpu --arch resnet8 --batch_size 4 --dataset synthetic  # seconds
 
 Reads no data, trains nothing: each step runs on a copy of one network and one batch of random
 images whose labels follow the long-tailed counts, ours as sm.train() runs them, the official one
 as the official code does. Per row: ms per step, its ratio to the official step's, the passes per
 step; on CUDA also each step recorded as a CUDA graph, and the GPU time of one eager step's kernels
-(the floor a graph can approach). --out DIR writes DIR/bench.json. The flags are
-ssesam_minimal.py's; --opt and those only training reads change nothing here.
+(the floor a graph can approach). Each of our rows runs in fp32 and in bf16 (the loop's bf16
+autocast, one block per forward), on the CPU as on CUDA, and the table gives bf16's speed-up;
+--no-bf16 times fp32 only. The official step runs in fp32, as the official code does. --out DIR
+writes DIR/bench.json. The flags are ssesam_minimal.py's; --opt and those only training reads change
+nothing here.
 Exit codes: 0, 2 bad input (one line), 130 interrupted.
 """
 
@@ -137,7 +141,8 @@ def bench(cfg, counts, device, repeats=5, steps=3, graphed=None, log=print) -> d
 
     def make(name):  # (net, one step as a closure) on a fresh copy of the same initial network
         opt_name = name.split()[0].rstrip(",")
-        net, model, criterion, opt, _ = sm.build_run(dataclasses.replace(cfg, opt=opt_name), counts, device)
+        run = dataclasses.replace(cfg, opt=opt_name, bf16=", bf16" in name)
+        net, model, criterion, opt, _ = sm.build_run(run, counts, device)
         if name == "official ssesam":  # fp32, default layout, default SGD: as the official code runs
             net = net.to(memory_format=torch.contiguous_format)
             opt = OfficialSSESAM(torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -151,8 +156,11 @@ def bench(cfg, counts, device, repeats=5, steps=3, graphed=None, log=print) -> d
         xf = x.contiguous(memory_format=torch.channels_last)
         return net, lambda: step(model, criterion, opt, xf, y, tail, cfg.imbsam_weight)
 
-    names = ["sgd", "sam", "imbsam", "ssesam before the switch", "ssesam after the switch", "official ssesam"]
-    names += [f"{n}, graphed" for n in names[:5]] if (cuda if graphed is None else graphed) else []
+    ours = ["sgd", "sam", "imbsam", "ssesam before the switch", "ssesam after the switch"]
+    names = ours + ["official ssesam"]
+    names += [f"{n}, graphed" for n in ours] if (cuda if graphed is None else graphed) else []
+    if cfg.bf16 is not False:  # each row of ours again in bf16
+        names += [f"{n}, bf16" for n in names if n != "official ssesam"]
     rows, fns = {}, {}
     for name in names:
         net, fns[name] = make(name)
@@ -178,6 +186,13 @@ def bench(cfg, counts, device, repeats=5, steps=3, graphed=None, log=print) -> d
         log(f"| {name} | {r['median_ms']:.2f} | {r['of_official']:.3f} | {r['passes']} | {kernels} |")
     log(f"\nSSE-SAM step: {rows['ssesam before the switch']['of_official']:.3f} of the official step's time "
         f"before the switch, {rows['ssesam after the switch']['of_official']:.3f} after it")
+    for name in [n for n in names if f"{n}, bf16" in rows]:  # fp32 time / bf16 time, per row
+        rows[f"{name}, bf16"]["bf16_speedup"] = rows[name]["median_ms"] / rows[f"{name}, bf16"]["median_ms"]
+    if any("bf16_speedup" in r for r in rows.values()):
+        log("\n| step | fp32 ms | bf16 ms | bf16 speed-up |\n|---|---|---|---|")
+        for name in [n for n in names if f"{n}, bf16" in rows]:
+            b = rows[f"{name}, bf16"]
+            log(f"| {name} | {rows[name]['median_ms']:.2f} | {b['median_ms']:.2f} | {b['bf16_speedup']:.2f}x |")
     return {"device": str(device), "device_name": device_name, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "repeats": repeats, "steps": steps,
             "config": dataclasses.asdict(cfg), "rows": rows}

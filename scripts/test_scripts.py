@@ -385,9 +385,17 @@ def tiny_bench(tmp_path_factory):
 def test_bench_reports_the_passes_of_every_step_and_its_time_against_the_official_one(tiny_bench):
     result, text, out = tiny_bench
     rows = result["rows"]
-    assert {k: r["passes"] for k, r in rows.items() if "graphed" not in k} == PASSES
-    assert {k: r["passes"] for k, r in rows.items() if "graphed" in k} == \
+    assert {k: r["passes"] for k, r in rows.items() if "graphed" not in k and "bf16" not in k} == PASSES
+    assert {k: r["passes"] for k, r in rows.items() if "graphed" in k and "bf16" not in k} == \
         {f"{k}, graphed": "graph" for k in PASSES if k != "official ssesam"}
+    fp32 = [k for k in rows if "bf16" not in k and k != "official ssesam"]
+    assert sorted(k for k in rows if "bf16" in k) == sorted(f"{k}, bf16" for k in fp32)
+    for k in fp32:  # bf16's speed-up is the fp32 time over the bf16 time, and the table prints it
+        b = rows[f"{k}, bf16"]
+        assert b["bf16_speedup"] == rows[k]["median_ms"] / b["median_ms"]
+        assert f"| {k} | {rows[k]['median_ms']:.2f} | {b['median_ms']:.2f} | {b['bf16_speedup']:.2f}x |" in text
+        if "graphed" not in k:
+            assert b["passes"] == rows[k]["passes"]
     official = statistics.median(rows["official ssesam"]["ms"])
     for name, r in rows.items():
         assert len(r["ms"]) == 2 and all(t > 0 for t in r["ms"]), name
