@@ -371,10 +371,10 @@ import math
 import torch
 from torch import nn
 
-# A step (model, criterion, opt, x, y, tail, imbsam_weight) updates w and returns the logits and
-# per-sample losses at w. It needs a criterion with one loss per sample (reduction="none"), the
-# (B,) bool mask tail[i] = (n_{y_i} < η), and opt.end_epoch() after every epoch (SSESAM: the
-# switch). Shapes are static and nothing is read back to the host, so a GPU never waits.
+# A step (model, criterion, opt, x, y, tail) updates w and returns the logits and per-sample
+# losses at w. It needs a criterion with one loss per sample (reduction="none") and the (B,) bool
+# mask tail[i] = (n_{y_i} < η); with SSESAM, call opt.update_rho() after every epoch (the switch).
+# Shapes are static and nothing is read back to the host, so a GPU never waits.
 
 HEAD, TAIL = 0, 1  # the group index n_i of the official API
 
@@ -447,9 +447,6 @@ class _Climb:
         for k in self._own_state:
             setattr(self, k, state[k])
 
-    def end_epoch(self):  # called once after every epoch
-        pass
-
     def grads(self):
         return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
 
@@ -493,7 +490,7 @@ class SAM(_Climb):
         self.zero_grad()
 
 
-def sam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
+def sam_step(model, criterion, opt, x, y, tail):
     logits = model(x)                                      # F1 at w
     loss_i = criterion(logits, y)                          # (B,)
     W = sample_weights(criterion, y).sum()                 # B, or Σ ω_i with class weights
@@ -511,11 +508,15 @@ class ImbSAM(_Climb):
         G = ∇L_head(w) + ∇L_tail(w + ε_tail),   ε_tail = ρ · g_tail / ‖g_tail‖
         L_head.backward(retain_graph=True); imbsam.first_step()   # keep ∇L_head(w) aside
         L_tail.backward();                  imbsam.second_step()  # w -> w + ε_tail
-        L_tail(model(x)).backward();        imbsam.third_step()   # back to w, step with G"""
+        L_tail(model(x)).backward();        imbsam.third_step()   # back to w, step with G
+    imbsam_weight: how imbsam_step divides each group's loss (split_losses: group, batch or
+    imbsam_repo)."""
 
-    def __init__(self, optimizer, model, rho=0.05):
+    def __init__(self, optimizer, model, rho=0.05, imbsam_weight="group"):
+        if imbsam_weight not in ("group", "batch", "imbsam_repo"):
+            raise ValueError(f"imbsam_weight must be group, batch or imbsam_repo, got {imbsam_weight!r}")
         super().__init__(optimizer, model, rho)
-        self.rho, self.rhos = rho, (0.0, rho)
+        self.rho, self.rhos, self.imbsam_weight = rho, (0.0, rho), imbsam_weight
         self.g_head = [torch.zeros_like(p) for p in self.params]
 
     @torch.no_grad()
@@ -535,17 +536,17 @@ class ImbSAM(_Climb):
         self.zero_grad()
 
 
-def imbsam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
+def imbsam_step(model, criterion, opt, x, y, tail):
     logits = model(x)                                      # F1 at w
     loss_i = criterion(logits, y)
     omega = sample_weights(criterion, y)
-    L_head, L_tail = split_losses(loss_i, tail, imbsam_weight, omega)
+    L_head, L_tail = split_losses(loss_i, tail, opt.imbsam_weight, omega)
     L_head.backward(retain_graph=True)                     # B1: ∇L_head(w) ...
     opt.first_step()                                       # ... kept aside
     L_tail.backward()                                      # B2: ∇L_tail(w), through the same graph
     opt.second_step()                                      # w -> w + ε_tail
     with frozen_bn_stats(model):                           # F2, B3: ∇L_tail(w + ε_tail)
-        split_losses(criterion(model(x), y), tail, imbsam_weight, omega)[TAIL].backward()
+        split_losses(criterion(model(x), y), tail, opt.imbsam_weight, omega)[TAIL].backward()
     opt.third_step()                                       # back to w, step with G
     return logits.detach(), loss_i.detach()
 
@@ -582,8 +583,6 @@ class SSESAM(_Climb):
     def update_rho(self):  # once after every epoch
         self.k += 1
 
-    end_epoch = update_rho
-
     @property
     def rhos(self):  # (ρ_head, ρ_tail), indexed by n_i (the official rho_is)
         return (self.head_rho, self.tail_rho)
@@ -613,10 +612,9 @@ class SSESAM(_Climb):
         torch._foreach_zero_(self.G)
 
 
-def ssesam_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
+def ssesam_step(model, criterion, opt, x, y, tail):
     """SSESAM's update, head then tail, in 3F+4B (2F+3B once ρ_head = 0). The seed's forward at w
-    for the tail repeats the head's (same w, same batch): one forward gives both gradients at w.
-    imbsam_weight is unused: SSE-SAM divides both groups by B."""
+    for the tail repeats the head's (same w, same batch): one forward gives both gradients at w."""
     logits = model(x)                                    # F1 at w, the one pass that feeds BN stats
     loss_i = criterion(logits, y)                        # (B,) ℓ_i
     omega = sample_weights(criterion, y)                 # (B,) all 1 unless DRW re-weights
@@ -760,7 +758,7 @@ class Bf16Forward(nn.Module):
             return self.net(x).float()
 
 
-def sgd_step(model, criterion, opt, x, y, tail, imbsam_weight="group"):
+def sgd_step(model, criterion, opt, x, y, tail):
     """The baseline: one plain SGD step on the batch mean Σℓ_i / Σω_i (1F+1B)."""
     logits = model(x)
     loss_i = criterion(logits, y)
@@ -789,7 +787,7 @@ def build_run(cfg: Config, counts, device):
     if cfg.opt == "sam":
         opt = SAM(opt, net, cfg.rho)
     elif cfg.opt == "imbsam":
-        opt = ImbSAM(opt, net, cfg.rho)
+        opt = ImbSAM(opt, net, cfg.rho, cfg.imbsam_weight)
     elif cfg.opt == "ssesam":
         opt = SSESAM(opt, net, cfg.head_rho, cfg.tail_rho, cfg.gamma, cfg.epochs)
     return net, model, criterion.to(device), opt, torch.Generator(device).manual_seed(cfg.seed)
@@ -801,8 +799,7 @@ def lr_at(epoch: int, cfg: Config) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / cfg.epochs))
 
 
-def train_one_epoch(model, criterion, opt, step, xs, ys, is_tail, batch_size, imbsam_weight="group",
-                    progress=None):
+def train_one_epoch(model, criterion, opt, step, xs, ys, is_tail, batch_size, progress=None):
     """One pass over the shuffled epoch (xs, ys), a step per batch of B (the last may be shorter).
     Returns the per-step loss sums and the count of correct predictions at w as device tensors,
     read once per epoch by the caller: a read per step would stall a GPU every step."""
@@ -812,13 +809,13 @@ def train_one_epoch(model, criterion, opt, step, xs, ys, is_tail, batch_size, im
     correct = torch.zeros((), device=ys.device)
     for s, i in enumerate(range(0, N, B)):
         xb, yb = xs[i:i + B], ys[i:i + B]
-        logits, loss_i = step(model, criterion, opt, xb, yb, is_tail[yb], imbsam_weight)
+        logits, loss_i = step(model, criterion, opt, xb, yb, is_tail[yb])
         step_loss[s] = loss_i.sum()
         correct += (logits.argmax(1) == yb).sum()
         if progress is not None:
             progress(s + 1, len(step_loss))
-    if isinstance(opt, _Climb):
-        opt.end_epoch()
+    if isinstance(opt, SSESAM):
+        opt.update_rho()  # one epoch done: the stage switch counts it
     return step_loss, correct
 
 
@@ -835,10 +832,10 @@ def run_epoch(cfg: Config, epoch, model, criterion, opt, step, data, rng, progre
         group["lr"] = lr
     if cfg.drw_epoch is not None:
         criterion.set_drw(epoch >= cfg.drw_epoch)
-    rho_head, rho_tail = getattr(opt, "rhos", (0.0, 0.0))  # SGD has none; read before end_epoch()
+    rho_head, rho_tail = getattr(opt, "rhos", (0.0, 0.0))  # SGD has none; read before update_rho()
     xs, ys = shuffled_epoch(x_pad, y, torch.channels_last, rng)  # the whole epoch, on the device
-    step_loss, correct = train_one_epoch(model, criterion, opt, step, xs, ys, is_tail,
-                                         cfg.batch_size, cfg.imbsam_weight, progress)
+    step_loss, correct = train_one_epoch(model, criterion, opt, step, xs, ys, is_tail, cfg.batch_size,
+                                         progress)
     loss, train_acc = step_loss.sum().item() / len(ys), correct.item() / len(ys) * 100
     if not math.isfinite(loss):
         bad = (~torch.isfinite(step_loss)).nonzero()
@@ -998,7 +995,7 @@ def _epoch_line(cfg, row, seconds_left):
     test = " ".join(f"{k} {_fmt(row[k])}" for k in ("avg", "many", "med", "few")) if "avg" in row else " --"
     return (f"epoch {row['epoch']:3d}/{cfg.epochs} lr {row['lr']:.5f} rho_h {row['rho_head']:.3f} "
             f"rho_t {row['rho_tail']:.3f} loss {row['loss']:.4f} train {row['train_acc']:5.1f} | "
-            f"test {test} | {row['seconds']:.1f}s eta {seconds_left / 60:.1f}m")
+            f"test {test} | {row['seconds']:.1f}s, {seconds_left / 60:.1f}m left")
 
 
 def _stop_note(e, cfg, ckpt_path, saved, epoch):

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -169,14 +170,14 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
-def make_opt(name, model, epochs_done=0):
+def make_opt(name, model, epochs_done=0, imbsam_weight="group"):
     """The optimizer of each step on plain SGD: rho 0.05; SSE-SAM 0.05 / 0.10, switch after 1 of 2."""
     if name == "sgd":
         return sgd(model)
     if name == "sam":
         return sm.SAM(sgd(model), model, 0.05)
     if name == "imbsam":
-        return sm.ImbSAM(sgd(model), model, 0.05)
+        return sm.ImbSAM(sgd(model), model, 0.05, imbsam_weight)
     opt = sm.SSESAM(sgd(model), model, 0.05, 0.1, gamma=0.5, total_epochs=2)
     for _ in range(epochs_done):
         opt.update_rho()
@@ -347,8 +348,8 @@ def test_the_switch_and_the_momentum_survive_a_state_dict_round_trip():
     opt = sm.SSESAM(sgd(model), model, 0.05, 0.1, gamma=0.5, total_epochs=4)
     x, y = batch(dtype=torch.float32)
     sm.ssesam_step(model, sm.LongTailLoss("CE", COUNTS), opt, x, y, torch.isin(y, TAIL_CLASSES))
-    opt.end_epoch()
-    opt.end_epoch()  # 2 = ⌈0.5 · 4⌉ epochs done: ρ_head = 0 from here on
+    opt.update_rho()
+    opt.update_rho()  # 2 = ⌈0.5 · 4⌉ epochs done: ρ_head = 0 from here on
     twin = copy.deepcopy(model)
     twin_opt = sm.SSESAM(sgd(twin), twin, 0.05, 0.1, gamma=0.5, total_epochs=4)
     assert twin_opt.rhos == (0.05, 0.1)
@@ -868,8 +869,8 @@ def test_imbsam_step_follows_its_update_rule(weight):
         grads_at(model, lambda m: ce_sum(m, x, y, ~tail, n_head)),
         grads_at(shifted(model, naive_eps(grads_at(model, tail_loss), 0.05)), tail_loss))]
     want = sgd_update(model, G)
-    sm.imbsam_step(model, sm.LongTailLoss("CE", COUNTS).double(), sm.ImbSAM(sgd(model), model, rho=0.05),
-                   x, y, tail, weight)
+    sm.imbsam_step(model, sm.LongTailLoss("CE", COUNTS).double(),
+                   sm.ImbSAM(sgd(model), model, rho=0.05, imbsam_weight=weight), x, y, tail)
     assert torch.allclose(flat(model), want, rtol=0, atol=1e-12)
 
 
@@ -886,13 +887,13 @@ def test_sam_step_follows_its_update_rule():
 
 def test_imbsam_with_batch_weighting_is_ssesam_with_gamma_0():
     a, b = tiny_model(), tiny_model()
-    opt_a = sm.ImbSAM(sgd(a), a, rho=0.1)
+    opt_a = sm.ImbSAM(sgd(a), a, rho=0.1, imbsam_weight="batch")
     opt_b = sm.SSESAM(sgd(b), b, head_rho=0.05, tail_rho=0.1, gamma=0.0, total_epochs=10)
     criterion = sm.LongTailLoss("CE", COUNTS).double()
     for seed in (1, 2):  # the second step through SGD's momentum
         x, y = batch(seed)
         tail = torch.isin(y, TAIL_CLASSES)
-        sm.imbsam_step(a, criterion, opt_a, x, y, tail, "batch")
+        sm.imbsam_step(a, criterion, opt_a, x, y, tail)
         sm.ssesam_step(b, criterion, opt_b, x, y, tail)
     assert torch.allclose(flat(a), flat(b), rtol=0, atol=1e-12)
 
@@ -960,7 +961,7 @@ def test_drw_steps_equal_the_same_step_written_with_cross_entropy_class_weights(
         G = [a + b for a, b in zip(grads_at(shifted(model, naive_eps(g_h, 0.05)), lambda m: ce(m, ~tail, W)),
                                    grads_at(shifted(model, naive_eps(g_t, 0.1)), lambda m: ce(m, tail, W)))]
     want = sgd_update(model, G)
-    sm.STEPS[name](model, crit, make_opt(name, model), x, y, tail, weighting)
+    sm.STEPS[name](model, crit, make_opt(name, model, imbsam_weight=weighting), x, y, tail)
     assert torch.allclose(flat(model), want, rtol=0, atol=1e-10)
 
 
@@ -1005,7 +1006,8 @@ def test_a_batch_without_tail_or_head_samples_steps_like_sam_or_sgd_without_nan(
     assert tail.all() if empty == "head" else not tail.any()
     a, b = tiny_model(), tiny_model()
     criterion = nn.CrossEntropyLoss(reduction="none")
-    sm.STEPS[name](a, criterion, make_opt(name, a), x, y, tail, "group")  # group: 0 / 0 in the empty one
+    opt = make_opt(name, a, imbsam_weight="group")  # group: 0 / 0 in the empty one
+    sm.STEPS[name](a, criterion, opt, x, y, tail)
     sm.STEPS[like](b, criterion, sgd(b) if like == "sgd" else sm.SAM(sgd(b), b, rho), x, y, tail)
     assert torch.allclose(flat(a), flat(b), rtol=0, atol=1e-12)
 
@@ -1192,6 +1194,31 @@ def test_four_cpu_bf16_steps_stay_within_15_percent_of_the_fp32_update(name, one
     assert not torch.equal(moved[True], moved[False])  # bf16 did run: its rounding shows
 
 
+def test_one_name_per_thing_left_for_the_time_left_update_rho_per_epoch_and_imbsam_weight_on_imbsam():
+    # the epoch line says "left" for the time left; "eta" is η
+    row = {"epoch": 3, "lr": 0.1, "rho_head": 0.05, "rho_tail": 0.1, "loss": 1.0, "train_acc": 50.0,
+           "seconds": 2.0}
+    line = sm._epoch_line(sm.Config(epochs=10), row, seconds_left=90.0)
+    assert line.endswith("| 2.0s, 1.5m left") and "eta" not in line
+    # the per-epoch call is update_rho(), in the block's header, the README and the loop
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    assert "opt.update_rho() after every epoch" in method_block() and "update_rho()" in readme
+    assert not hasattr(sm.SSESAM, "end_epoch") and "end_epoch" not in readme
+    assert "opt.update_rho()" in inspect.getsource(sm.train_one_epoch)
+    # the ImbSAM weighting is ImbSAM's constructor argument, in no step's signature
+    for fn in sm.STEPS.values():
+        assert list(inspect.signature(fn).parameters) == ["model", "criterion", "opt", "x", "y", "tail"], fn
+    assert "imbsam_weight" not in inspect.signature(sm.train_one_epoch).parameters
+    model = tiny_model()
+    assert sm.ImbSAM(sgd(model), model).imbsam_weight == "group"  # the command line's default too
+    with pytest.raises(ValueError, match="imbsam_weight must be group, batch or imbsam_repo, got 'mean'"):
+        sm.ImbSAM(sgd(model), model, imbsam_weight="mean")
+    for weight in ("group", "batch", "imbsam_repo"):  # --imbsam_weight reaches ImbSAM
+        cfg = sm.parse_config(["--opt", "imbsam", "--imbsam_weight", weight, "--arch", "resnet8"])
+        assert sm.build_run(cfg, COUNTS, torch.device("cpu"))[3].imbsam_weight == weight
+
+
 def test_progress_line_rewrites_one_line_at_most_every_half_second_and_always_at_the_last_step(
         monkeypatch, capsys):
     clock = iter([1000.0, 1000.0, 1000.25, 1001.5, 1001.75, 1002.0])  # the start, then steps 1-5
@@ -1293,7 +1320,7 @@ def test_a_run_prints_its_setting_one_line_per_epoch_and_the_final_and_best_eval
         assert re.fullmatch(
             rf"epoch {row['epoch']:3d}/3 lr {row['lr']:.5f} rho_h {row['rho_head']:.3f} rho_t 0.100 "
             rf"loss {row['loss']:.4f} train {row['train_acc']:5.1f} \| test {re.escape(test)} \| "
-            r"[\d.]+s eta [\d.]+m", line), line
+            r"[\d.]+s, [\d.]+m left", line), line
     final, best = straight_run.summary["final"], straight_run.summary["best"]
     assert lines[4].startswith(f"final (epoch 3): avg {final['avg']:5.1f} many {final['many']:5.1f}")
     assert f"| flip-TTA avg {final['avg_tta']:5.1f}" in lines[4]

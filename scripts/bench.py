@@ -154,7 +154,7 @@ def bench(cfg, counts, device, repeats=5, steps=3, graphed=None, log=print) -> d
         if name.endswith("graphed"):
             step = importlib.import_module("cuda_graph").GraphedStep(step, model, opt)
         xf = x.contiguous(memory_format=torch.channels_last)
-        return net, lambda: step(model, criterion, opt, xf, y, tail, cfg.imbsam_weight)
+        return net, lambda: step(model, criterion, opt, xf, y, tail)
 
     ours = ["sgd", "sam", "imbsam", "ssesam before the switch", "ssesam after the switch"]
     names = ours + ["official ssesam"]

@@ -38,7 +38,7 @@ _CAPTURE_LOCK = threading.Lock()  # runs in threads of one process (multi_run.py
 
 
 class GraphedStep:
-    """step(model, criterion, opt, x, y, tail, imbsam_weight) on static buffers, recorded as one
+    """step(model, criterion, opt, x, y, tail) on static buffers, recorded as one
     CUDA graph per (batch size, rho) and replayed; eager on the CPU. GraphedStep(step, model, opt)
     is a wrap_step of sm.train(), which builds it after any resume.
 
@@ -63,22 +63,22 @@ class GraphedStep:
                       *(self.base.state[p]["momentum_buffer"] for p in model.parameters())]
         self.variants = {}  # (B, rhos) -> (static x, y, tail, graph or None, static outputs)
 
-    def __call__(self, model, criterion, opt, x, y, tail, imbsam_weight="group"):
+    def __call__(self, model, criterion, opt, x, y, tail):
         for t, group in zip(self.lr, self.base.param_groups):
             t.fill_(group["lr"])  # the float the schedule set; no host sync
         key = (len(y), getattr(opt, "rhos", None))
         if key not in self.variants:
-            self.variants[key] = self._prepare(criterion, x, y, tail, imbsam_weight)
+            self.variants[key] = self._prepare(criterion, x, y, tail)
         sx, sy, st, graph, out = self.variants[key]
         sx.copy_(x)
         sy.copy_(y)
         st.copy_(tail)
         if graph is None:  # the CPU: the plain step, on the static buffers
-            return self.step(self.model, criterion, self.opt, sx, sy, st, imbsam_weight)
+            return self.step(self.model, criterion, self.opt, sx, sy, st)
         graph.replay()
         return out
 
-    def _prepare(self, criterion, x, y, tail, imbsam_weight):
+    def _prepare(self, criterion, x, y, tail):
         static, saved = (x.clone(), y.clone(), tail.clone()), [t.clone() for t in self.state]
         floats = [g["lr"] for g in self.base.param_groups]
         for g, t in zip(self.base.param_groups, self.lr):
@@ -89,7 +89,7 @@ class GraphedStep:
                 side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 for _ in range(self.warmup):  # these steps train ...
-                    self.step(self.model, criterion, self.opt, *static, imbsam_weight)
+                    self.step(self.model, criterion, self.opt, *static)
             if side is not None:
                 torch.cuda.current_stream().wait_stream(side)
             with torch.no_grad():  # ... so that is undone, in place: a graph reads these very tensors
@@ -99,7 +99,7 @@ class GraphedStep:
             graph = torch.cuda.CUDAGraph()
             # records, runs nothing; thread_local: other threads' runs may go on meanwhile
             with _CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = self.step(self.model, criterion, self.opt, *static, imbsam_weight)
+                out = self.step(self.model, criterion, self.opt, *static)
             return (*static, graph, out)
         finally:  # floats again, as the schedule left them: its next assignment replaces a float
             for g, lr in zip(self.base.param_groups, floats):
@@ -149,9 +149,9 @@ class Recorder:
         self.step, self.net, self.opt, self.B, self.cuda = step, net, opt, batch_size, cuda
         self.marks, self.after_one = {}, None  # stage -> [(start, end)]
 
-    def __call__(self, model, criterion, opt, x, y, tail, imbsam_weight="group"):
+    def __call__(self, model, criterion, opt, x, y, tail):
         t0, variants = _now(self.cuda), len(getattr(self.step, "variants", ()))
-        out = self.step(model, criterion, opt, x, y, tail, imbsam_weight)
+        out = self.step(model, criterion, opt, x, y, tail)
         if len(y) == self.B and len(getattr(self.step, "variants", ())) == variants:
             stage = "every step" if not isinstance(opt, sm.SSESAM) else \
                 "before the switch" if opt.head_rho > 0 else "after the switch"
