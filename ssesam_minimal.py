@@ -421,9 +421,11 @@ def frozen_bn_stats(model):
             m.track_running_stats = t
 
 
-class _Climb:
+class _Climb(torch.optim.Optimizer):
     """What the three share: a base optimizer (SGD), the climb w -> w + ε along a gradient g, and
-    the way back to w, where the base optimizer steps (momentum and weight decay act at w)."""
+    the way back to w, where the base optimizer steps (momentum and weight decay act at w). A torch
+    Optimizer with the base's param_groups, defaults and state: a torch lr_scheduler built on it or
+    on the base sets the lr that the base step uses, and counts the calls of step()."""
 
     rhos = (0.0, 0.0)  # (ρ_head, ρ_tail) in effect, for the logs
     _own_state = ()    # what state_dict() keeps besides the base optimizer's state
@@ -431,21 +433,29 @@ class _Climb:
     def __init__(self, optimizer, model, *rhos):
         if min(rhos) < 0:
             raise ValueError(f"rho must be >= 0, got {rhos}")
-        self.optimizer = optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(self.params, {})  # torch's hooks; the groups are the base's, below
+        self.optimizer, self.param_groups = optimizer, optimizer.param_groups
+        self.defaults, self.state = optimizer.defaults, optimizer.state
         self.w = [torch.empty_like(p) for p in self.params]  # w, saved before each climb
-
-    @property
-    def param_groups(self):  # the base optimizer's, where a schedule sets the lr
-        return self.optimizer.param_groups
+        self.climbed = False                                 # a climb since the last step()
 
     def state_dict(self):
         return {"base": self.optimizer.state_dict(), **{k: getattr(self, k) for k in self._own_state}}
 
     def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["base"])
+        self.optimizer.load_state_dict(state["base"])  # which makes its param_groups and state anew
+        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
         for k in self._own_state:
             setattr(self, k, state[k])
+
+    def step(self):  # the base step at w; through here, so that a scheduler on self counts it
+        if not self.climbed:
+            name = type(self).__name__
+            raise RuntimeError(f"{name}.step() without a climb before it would be plain SGD: call "
+                               f"{name.lower()}_step(model, criterion, opt, x, y, tail)")
+        self.climbed = False
+        self.optimizer.step()
 
     def grads(self):
         return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
@@ -464,6 +474,7 @@ class _Climb:
         eps = torch._foreach_mul(g, rho / (norm + 1e-16))
         torch._foreach_copy_(self.w, self.params)
         torch._foreach_add_(self.params, eps)
+        self.climbed = True
 
     @torch.no_grad()
     def restore(self):  # w <- the saved w, bit for bit (w + ε - ε need not be w in floating point)
@@ -486,7 +497,7 @@ class SAM(_Climb):
 
     def second_step(self):
         self.restore()
-        self.optimizer.step()
+        self.step()
         self.zero_grad()
 
 
@@ -532,7 +543,7 @@ class ImbSAM(_Climb):
     def third_step(self):
         self.restore()
         torch._foreach_add_(self.grads(), self.g_head)  # G = ∇L_tail(w + ε_tail) + ∇L_head(w)
-        self.optimizer.step()
+        self.step()
         self.zero_grad()
 
 
@@ -607,7 +618,7 @@ class SSESAM(_Climb):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         torch._foreach_copy_([p.grad for p in self.params], self.G)
-        self.optimizer.step()
+        self.step()
         self.zero_grad()
         torch._foreach_zero_(self.G)
 

@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import typing
+import warnings
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -170,15 +171,16 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
-def make_opt(name, model, epochs_done=0, imbsam_weight="group"):
-    """The optimizer of each step on plain SGD: rho 0.05; SSE-SAM 0.05 / 0.10, switch after 1 of 2."""
+def make_opt(name, model, epochs_done=0, imbsam_weight="group", ns=sm):
+    """The optimizer of each step on plain SGD: rho 0.05; SSE-SAM 0.05 / 0.10, switch after 1 of 2.
+    ns: where SAM, ImbSAM and SSESAM come from (the module, or the method block copied alone)."""
     if name == "sgd":
         return sgd(model)
     if name == "sam":
-        return sm.SAM(sgd(model), model, 0.05)
+        return ns.SAM(sgd(model), model, 0.05)
     if name == "imbsam":
-        return sm.ImbSAM(sgd(model), model, 0.05, imbsam_weight)
-    opt = sm.SSESAM(sgd(model), model, 0.05, 0.1, gamma=0.5, total_epochs=2)
+        return ns.ImbSAM(sgd(model), model, 0.05, imbsam_weight)
+    opt = ns.SSESAM(sgd(model), model, 0.05, 0.1, gamma=0.5, total_epochs=2)
     for _ in range(epochs_done):
         opt.update_rho()
     return opt
@@ -237,10 +239,12 @@ def readme_example():
 
 def run_example(code):
     """exec code from the same global seed (the README example draws its weights and its batch
-    order from it); returns its namespace and what it printed."""
+    order from it), with every warning an error (a scheduler that missed the optimizer's steps
+    warns); returns its namespace and what it printed."""
     torch.manual_seed(0)
     scope, stdout = {}, io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    with contextlib.redirect_stdout(stdout), warnings.catch_warnings():
+        warnings.simplefilter("error")
         exec(code, scope)
     return scope, stdout.getvalue()
 
@@ -353,8 +357,13 @@ def test_the_switch_and_the_momentum_survive_a_state_dict_round_trip():
     twin = copy.deepcopy(model)
     twin_opt = sm.SSESAM(sgd(twin), twin, 0.05, 0.1, gamma=0.5, total_epochs=4)
     assert twin_opt.rhos == (0.05, 0.1)
-    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    state = opt.state_dict()  # last.pt's format: the base optimizer's state_dict and SSE-SAM's k
+    assert state.keys() == {"base", "k"} and state["base"].keys() == {"state", "param_groups"}
+    twin_opt.load_state_dict(copy.deepcopy(state))
     assert twin_opt.k == 2 and twin_opt.rhos == (0.0, 0.1)
+    # still one set of groups: an lr set on the wrapper (as a schedule does) is the base step's
+    assert twin_opt.param_groups is twin_opt.optimizer.param_groups
+    assert twin_opt.state is twin_opt.optimizer.state
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(twin_opt.optimizer.state[q]["momentum_buffer"],
                            opt.optimizer.state[p]["momentum_buffer"])
@@ -795,24 +804,88 @@ def test_the_method_block_is_marked_once_imports_only_torch_and_the_standard_lib
     assert [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))] == METHOD_BLOCK_DEFS
 
 
-def test_the_method_block_alone_in_a_new_file_runs_the_readme_example_to_the_modules_weights_bit_for_bit(
-        readme_example_run, tmp_path, monkeypatch):
-    path = tmp_path / "ssesam_block.py"
+@pytest.fixture(scope="module")
+def copied_block(tmp_path_factory):
+    """The method block alone in a new file, imported as the module ssesam_block: its names resolve
+    in its own namespace, nothing comes from ssesam_minimal."""
+    path = tmp_path_factory.mktemp("copied") / "ssesam_block.py"
     path.write_text(method_block(), encoding="utf-8")
     spec = importlib.util.spec_from_file_location("ssesam_block", path)
     block = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(block)  # its names resolve in its own namespace: nothing from the module
-    monkeypatch.setitem(sys.modules, "ssesam_block", block)
+    spec.loader.exec_module(block)
+    return block
+
+
+def block_steps(block):
+    """(name, step, optimizer) of each of the block's steps, on its own classes."""
+    return [(name, getattr(block, f"{name}_step"), lambda model, name=name: make_opt(name, model, ns=block))
+            for name in ("sam", "imbsam", "ssesam")]
+
+
+def test_the_method_block_alone_in_a_new_file_runs_the_readme_example_to_the_modules_weights_bit_for_bit(
+        readme_example_run, copied_block, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ssesam_block", copied_block)
     imports = "from ssesam_minimal import SSESAM, resnet32, ssesam_step\n"
     example = readme_example()
-    assert imports in example
-    scope, _ = run_example(example.replace(
+    assert imports in example and "lr_scheduler" in example  # with a torch scheduler on the wrapper
+    scope, printed = run_example(example.replace(
         imports, "from ssesam_block import SSESAM, ssesam_step\nfrom ssesam_minimal import resnet32\n"))
-    assert scope["SSESAM"] is block.SSESAM and scope["ssesam_step"] is block.ssesam_step
+    assert scope["SSESAM"] is copied_block.SSESAM and scope["ssesam_step"] is copied_block.ssesam_step
+    assert printed == readme_example_run.printed  # the same lr and rho_head per epoch
     state = scope["model"].state_dict()
     assert state.keys() == readme_example_run.state.keys()
     for k, v in readme_example_run.state.items():
         assert torch.equal(state[k], v), k  # weights and BN statistics
+
+
+@pytest.mark.parametrize("on", ["wrapper", "base"])
+def test_the_copied_blocks_wrappers_are_torch_optimizers_whose_scheduler_sets_the_base_lr_without_a_warning(
+        on, copied_block):
+    T, lr0 = 4, 0.1
+    cosine = [lr0 * (1 + math.cos(math.pi * e / T)) / 2 for e in range(3)]  # CosineAnnealingLR, closed form
+    criterion = nn.CrossEntropyLoss(reduction="none")
+    for name, step, make in block_steps(copied_block):
+        model, twin = tiny_model(), tiny_model()
+        opt, twin_opt = make(model), make(twin)
+        assert isinstance(opt, torch.optim.Optimizer)
+        assert opt.param_groups is opt.optimizer.param_groups and opt.defaults is opt.optimizer.defaults
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the scheduler warns if it saw no optimizer step before its own
+            scheduled = opt if on == "wrapper" else opt.optimizer
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(scheduled, T)
+            for epoch in range(3):
+                x, y = batch(epoch + 1)
+                tail = torch.isin(y, TAIL_CLASSES)
+                assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(cosine[epoch], rel=1e-12)
+                step(model, criterion, opt, x, y, tail)
+                for group in twin_opt.param_groups:  # the twin: the same lr, set by hand
+                    group["lr"] = cosine[epoch]
+                step(twin, criterion, twin_opt, x, y, tail)
+                assert torch.allclose(flat(model), flat(twin), rtol=0, atol=1e-14), (name, epoch)
+                schedule.step()
+            # the warning is live: a scheduler stepped with no optimizer step before it says so
+            fresh = make(tiny_model())
+            fresh = torch.optim.lr_scheduler.CosineAnnealingLR(fresh if on == "wrapper" else fresh.optimizer,
+                                                               T)
+            with pytest.raises(UserWarning, match="before `optimizer.step"):
+                fresh.step()
+
+
+def test_the_copied_blocks_wrapper_step_without_a_climb_fails_in_one_line_naming_its_step_function(
+        copied_block):
+    x, y = batch()
+    for name, step, make in block_steps(copied_block):
+        model = tiny_model()
+        opt = make(model)
+        F.cross_entropy(model(x), y).backward()
+        w0 = flat(model).clone()
+        calls = [opt.step] + ([opt.update] if name == "ssesam" else [])  # the seed API's update() too
+        for call in calls:
+            with pytest.raises(RuntimeError) as e:
+                call()
+            line = str(e.value)
+            assert "\n" not in line and f"call {name}_step(model, criterion, opt, x, y, tail)" in line
+            assert "plain SGD" in line and torch.equal(flat(model), w0)  # nothing stepped
 
 
 def test_ssesam_step_gives_the_weights_of_the_seed_snippet_run_verbatim_before_and_after_the_switch():
@@ -1897,8 +1970,9 @@ def test_every_ssesam_minimal_command_in_the_readme_parses():
 # =============================================================================================
 
 def test_the_readme_own_loop_example_runs_as_written_and_switches_after_gamma_t_epochs(readme_example_run):
-    assert readme_example_run.printed.splitlines() == ["epoch 0: rho_head 0.05, rho_tail 0.1",
-                                                       "epoch 1: rho_head 0.0, rho_tail 0.1"]
+    # T 2: the cosine schedule, stepped after each epoch, halves the lr for the second
+    assert readme_example_run.printed.splitlines() == ["epoch 0: lr 0.0100, rho_head 0.05",
+                                                       "epoch 1: lr 0.0050, rho_head 0.0"]
     scope = readme_example_run.scope
     assert scope["opt"].k == 2 and scope["loss_i"].shape == scope["y"].shape  # one loss per sample
 
