@@ -372,14 +372,32 @@ import torch
 from torch import nn
 
 # A step (model, criterion, opt, x, y, tail) updates w and returns the logits and per-sample
-# losses at w. It needs a criterion with one loss per sample (reduction="none") and the (B,) bool
-# mask tail[i] = (n_{y_i} < η); with SSESAM, call opt.update_rho() after every epoch (the switch).
+# losses at w. It takes a criterion with one loss per sample (reduction="none") and the (B,) bool
+# mask tail[i] = (n_{y_i} < η), and refuses anything else in one line; with SSESAM, call
+# opt.update_rho() after every epoch (the switch). What .grad holds on entry plays no part.
 # Shapes are static and nothing is read back to the host, so a GPU never waits.
 
 HEAD, TAIL = 0, 1  # the group index n_i of the official API
 
 
 # ---- The per-sample split
+def per_sample_losses(criterion, logits, y, tail):
+    """ℓ_i = criterion(logits, y), (B,), once the two inputs that would silently go wrong are
+    refused: a tail mask that is not a (B,) bool tensor, and a criterion without one loss per
+    sample (a mean would be divided by B again, or put in both groups). Dtypes and shapes only:
+    reading values back to the host would make a GPU wait and break graph capture."""
+    if not (isinstance(tail, torch.Tensor) and tail.dtype == torch.bool and tail.shape == y.shape):
+        got = (f"{tail.dtype} of shape {tuple(tail.shape)}" if isinstance(tail, torch.Tensor)
+               else type(tail).__name__)
+        raise TypeError(f"tail must be a bool tensor of the batch's shape {tuple(y.shape)}, tail[i] = "
+                        f"(n_(y_i) < eta), got {got}")
+    loss_i = criterion(logits, y)
+    if loss_i.shape != y.shape:
+        raise ValueError(f"criterion must return one loss per sample (reduction='none'), shape "
+                         f"{tuple(y.shape)}, got shape {tuple(loss_i.shape)}")
+    return loss_i
+
+
 def sample_weights(criterion, y):
     """ω_i, the class weight by which the criterion multiplied loss i (1 if it has none)."""
     omega = getattr(criterion, "weight", None)
@@ -502,8 +520,9 @@ class SAM(_Climb):
 
 
 def sam_step(model, criterion, opt, x, y, tail):
+    opt.zero_grad()                                        # g is this batch's gradient only
     logits = model(x)                                      # F1 at w
-    loss_i = criterion(logits, y)                          # (B,)
+    loss_i = per_sample_losses(criterion, logits, y, tail)  # (B,); tail: checked as by the others
     W = sample_weights(criterion, y).sum()                 # B, or Σ ω_i with class weights
     (loss_i.sum() / W).backward()                          # B1: g = ∇L(w)
     opt.first_step()                                       # w -> w + ε
@@ -548,8 +567,9 @@ class ImbSAM(_Climb):
 
 
 def imbsam_step(model, criterion, opt, x, y, tail):
+    opt.zero_grad()                                        # ∇L_head(w) is this batch's only
     logits = model(x)                                      # F1 at w
-    loss_i = criterion(logits, y)
+    loss_i = per_sample_losses(criterion, logits, y, tail)
     omega = sample_weights(criterion, y)
     L_head, L_tail = split_losses(loss_i, tail, opt.imbsam_weight, omega)
     L_head.backward(retain_graph=True)                     # B1: ∇L_head(w) ...
@@ -625,9 +645,10 @@ class SSESAM(_Climb):
 
 def ssesam_step(model, criterion, opt, x, y, tail):
     """SSESAM's update, head then tail, in 3F+4B (2F+3B once ρ_head = 0). The seed's forward at w
-    for the tail repeats the head's (same w, same batch): one forward gives both gradients at w."""
+    for the tail repeats the head's (same w, same batch): one forward gives both gradients at w.
+    Those come from autograd.grad, and each climb zeroes .grad: what .grad held plays no part."""
     logits = model(x)                                    # F1 at w, the one pass that feeds BN stats
-    loss_i = criterion(logits, y)                        # (B,) ℓ_i
+    loss_i = per_sample_losses(criterion, logits, y, tail)  # (B,) ℓ_i
     omega = sample_weights(criterion, y)                 # (B,) all 1 unless DRW re-weights
     L_head, L_tail = split_losses(loss_i, tail, "batch", omega)  # Σ_{i in group} ℓ_i / B
     # g_head = ∇L_head(w), g_tail = ∇L_tail(w): two backwards through F1's graph (B1, B2)
@@ -770,9 +791,11 @@ class Bf16Forward(nn.Module):
 
 
 def sgd_step(model, criterion, opt, x, y, tail):
-    """The baseline: one plain SGD step on the batch mean Σℓ_i / Σω_i (1F+1B)."""
+    """The baseline: one plain SGD step on the batch mean Σℓ_i / Σω_i (1F+1B), with the method
+    block's checks and the same independence of what .grad held on entry."""
+    opt.zero_grad()
     logits = model(x)
-    loss_i = criterion(logits, y)
+    loss_i = per_sample_losses(criterion, logits, y, tail)
     (loss_i.sum() / sample_weights(criterion, y).sum()).backward()
     opt.step()
     opt.zero_grad()

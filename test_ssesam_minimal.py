@@ -785,7 +785,7 @@ def test_drw_weights_are_class_balanced_sum_to_c_and_multiply_each_loss():
 # 7. The method: SAM, ImbSAM, SSE-SAM and their steps
 # =============================================================================================
 
-METHOD_BLOCK_DEFS = ["sample_weights", "split_losses",      # the per-sample split
+METHOD_BLOCK_DEFS = ["per_sample_losses", "sample_weights", "split_losses",  # the per-sample split
                      "frozen_bn_stats", "_Climb",           # the climb
                      "SAM", "sam_step", "ImbSAM", "imbsam_step", "SSESAM", "ssesam_step"]
 
@@ -886,6 +886,66 @@ def test_the_copied_blocks_wrapper_step_without_a_climb_fails_in_one_line_naming
             line = str(e.value)
             assert "\n" not in line and f"call {name}_step(model, criterion, opt, x, y, tail)" in line
             assert "plain SGD" in line and torch.equal(flat(model), w0)  # nothing stepped
+
+
+def refused(step, opt, model, criterion, x, y, tail, error):
+    """step(...) must raise error with a one-line message, before any parameter changes; the message."""
+    w0 = flat(model).clone()
+    with pytest.raises(error) as e:
+        step(model, criterion, opt, x, y, tail)
+    assert "\n" not in str(e.value) and torch.equal(flat(model), w0)
+    return str(e.value)
+
+
+def test_the_copied_blocks_steps_and_sgd_step_refuse_a_mean_loss_and_a_tail_that_is_no_bool_mask_of_the_batch(
+        copied_block):
+    x, y = batch()
+    tail = torch.isin(y, TAIL_CLASSES)
+    per_sample = nn.CrossEntropyLoss(reduction="none")
+    steps = block_steps(copied_block) + [("sgd", sm.sgd_step, sgd)]
+    for name, step, make in steps:
+        model = tiny_model()
+        opt = make(model)
+        # the default reduction="mean": sam_step would have divided the mean by B again
+        line = refused(step, opt, model, nn.CrossEntropyLoss(), x, y, tail, ValueError)
+        assert "criterion" in line and "reduction='none'" in line and "got shape ()" in line, (name, line)
+        for bad, shown in ((tail.long(), "torch.int64"),                 # a 0/1 int mask
+                           (TAIL_CLASSES.tolist(), "list"),              # the tail classes' ids
+                           (tail[:-1], "of shape (15,)"),                # another batch's mask
+                           (torch.tensor(COUNTS) < ETA, "of shape (10,)")):  # per class, not per sample
+            line = refused(step, opt, model, per_sample, x, y, bad, TypeError)
+            assert line.startswith("tail must be a bool tensor of the batch's shape (16,)"), (name, line)
+            assert shown in line, (name, line)
+        step(model, per_sample, opt, x, y, tail)  # what is right still steps
+
+
+def test_the_checks_read_only_dtypes_and_shapes_never_a_value():
+    # tensors on the meta device have shapes and dtypes but no values: reading one would raise
+    meta = dict(device="meta")
+    logits, y = torch.empty(16, C, **meta), torch.empty(16, dtype=torch.long, **meta)
+    loss_i = sm.per_sample_losses(nn.CrossEntropyLoss(reduction="none"), logits, y,
+                                  torch.empty(16, dtype=torch.bool, **meta))
+    assert loss_i.shape == (16,) and loss_i.is_meta
+    with pytest.raises(TypeError, match="tail"):
+        sm.per_sample_losses(nn.CrossEntropyLoss(reduction="none"), logits, y, torch.empty(16, **meta))
+
+
+def test_the_copied_blocks_steps_and_sgd_step_give_the_same_update_bit_for_bit_whatever_grad_held(
+        copied_block):
+    criterion = nn.CrossEntropyLoss(reduction="none")
+    steps = block_steps(copied_block) + [("sgd", sm.sgd_step, sgd)]
+    for name, step, make in steps:
+        clean, stale = tiny_model(), tiny_model()
+        opt_clean, opt_stale = make(clean), make(stale)
+        g = torch.Generator().manual_seed(7)
+        for seed in (1, 2):  # the second step through SGD's momentum
+            x, y = batch(seed)
+            tail = torch.isin(y, TAIL_CLASSES)
+            for p in stale.parameters():  # another loss's gradient, or a forgotten zero_grad
+                p.grad = 10 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+            step(clean, criterion, opt_clean, x, y, tail)
+            step(stale, criterion, opt_stale, x, y, tail)
+            assert torch.equal(flat(clean), flat(stale)), (name, seed)
 
 
 def test_ssesam_step_gives_the_weights_of_the_seed_snippet_run_verbatim_before_and_after_the_switch():
