@@ -375,7 +375,8 @@ from torch import nn
 # losses at w. It takes a criterion with one loss per sample (reduction="none") and the (B,) bool
 # mask tail[i] = (n_{y_i} < η), and refuses anything else in one line; with SSESAM, call
 # opt.update_rho() after every epoch (the switch). What .grad holds on entry plays no part.
-# Shapes are static and nothing is read back to the host, so a GPU never waits.
+# Shapes are static and nothing is read back to the host, so a GPU never waits. The block never
+# chooses a precision: torch.autocast may go around each forward or around the whole step.
 
 HEAD, TAIL = 0, 1  # the group index n_i of the official API
 
@@ -493,10 +494,13 @@ class _Climb(torch.optim.Optimizer):
         torch._foreach_copy_(self.w, self.params)
         torch._foreach_add_(self.params, eps)
         self.climbed = True
+        # an autocast block keeps the low-precision copy of w it made first: let it copy w + ε
+        torch.clear_autocast_cache()
 
     @torch.no_grad()
     def restore(self):  # w <- the saved w, bit for bit (w + ε - ε need not be w in floating point)
         torch._foreach_copy_(self.params, self.w)
+        torch.clear_autocast_cache()  # and no copy of w + ε is used at w
 
 
 # ---- SAM: 2F+2B per step

@@ -948,6 +948,45 @@ def test_the_copied_blocks_steps_and_sgd_step_give_the_same_update_bit_for_bit_w
             assert torch.equal(flat(clean), flat(stale)), (name, seed)
 
 
+class EachForwardInAutocast(nn.Module):
+    """The network with each forward in its own bf16 autocast block, logits back in fp32."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        with torch.autocast("cpu", torch.bfloat16):
+            return self.net(x).float()
+
+
+def test_the_copied_blocks_steps_under_autocast_around_the_whole_step_equal_autocast_around_each_forward(
+        copied_block, monkeypatch):
+    criterion = nn.CrossEntropyLoss(reduction="none")
+
+    def run(step, make, whole):  # two steps (the second through the momentum); the weights moved
+        net = tiny_model(torch.float32)
+        opt, w0 = make(net), flat(net).clone()
+        for seed in (1, 2):
+            x, y = batch(seed, dtype=torch.float32)
+            tail = torch.isin(y, TAIL_CLASSES)
+            if whole:
+                with torch.autocast("cpu", torch.bfloat16):
+                    step(net, criterion, opt, x, y, tail)
+            else:
+                step(EachForwardInAutocast(net), criterion, opt, x, y, tail)
+        return flat(net) - w0
+
+    for name, step, make in block_steps(copied_block):
+        each = run(step, make, whole=False)
+        assert torch.equal(run(step, make, whole=True), each), name
+        # precondition: without the cache cleared after the climb and the way back, the whole-step
+        # autocast runs the convolutions and the linear layer at w + ε with its bf16 copy of w
+        with monkeypatch.context() as mp:
+            mp.setattr(torch, "clear_autocast_cache", lambda: None)
+            assert not torch.allclose(run(step, make, whole=True), each, rtol=0, atol=1e-4), name
+
+
 def test_ssesam_step_gives_the_weights_of_the_seed_snippet_run_verbatim_before_and_after_the_switch():
     # γ 0.7, T 10: no epoch done is stage 1 (our 3F+4B), 7 done is stage 2 (our 2F+3B); the seed
     # snippet runs 4F+4B in both. Two steps each, the second through SGD's momentum.
@@ -1286,7 +1325,10 @@ def test_precision_is_the_loops_choice_the_cpu_runs_the_net_itself_and_the_metho
     assert model is net
     net, model, *_ = sm.build_run(sm.Config(arch="resnet8", bf16=True), COUNTS, torch.device("cpu"))
     assert isinstance(model, sm.Bf16Forward) and model.net is net
-    assert not re.search(r"autocast|bfloat16|float16|\bbf16\b|\.half\(", method_block())
+    # the block may clear autocast's cache (right under any autocast), never open or set one
+    block = method_block()
+    assert "torch.clear_autocast_cache()" in block
+    assert not re.search(r"autocast\(|set_autocast|bfloat16|float16|\bbf16\b|\.half\(", block)
 
 
 def real_batches(n, B=64, seed=0):
