@@ -766,7 +766,8 @@ class Config:
     bf16: Optional[bool] = _arg(None, "the network's forwards in bf16 autocast, weights, loss and SGD "
                                       "in fp32 (--bf16), or fp32 throughout (--no-bf16); unset: bf16 "
                                       "on CUDA, fp32 on the CPU")
-    print_freq: int = _arg(1, "evaluate on the test set every this many epochs (and at the last)")
+    print_freq: int = _arg(1, "evaluate on the test set every this many epochs; epochs 10, 20, ... and the "
+                              "last, which 'best' is chosen from, are always evaluated")
     test_batch_size: int = _arg(1000, "evaluation batch size")
     out: Optional[str] = _arg(None, "folder for metrics.jsonl, summary.json, model.pt and last.pt")
     save_every: int = _arg(1, "with --out: write last.pt every this many epochs (and at the last)")
@@ -1025,6 +1026,20 @@ def _restore(ckpt, net, opt, criterion, rng, path):
 
 # ---- train(): schedule, evaluation, logs and last.pt around train_one_epoch
 
+def best_from(epochs: int) -> list:
+    """The epochs whose evaluations "best" is chosen from, as the official code chooses its
+    checkpoint (at epoch % 10 == 9, 0-indexed): 10, 20, ... and the last, whatever --print_freq."""
+    return sorted({*range(10, epochs + 1, 10), epochs})
+
+
+def best_of(history, epochs: int):
+    """The evaluation with the highest plain Avg (no TTA) among those at best_from(epochs), the
+    earliest on a tie; None before the first of them."""
+    chosen = set(best_from(epochs))
+    return max((row for row in history if row["epoch"] in chosen and "avg" in row),
+               key=lambda row: row["avg"], default=None)
+
+
 def _fmt(v):
     return "  -- " if v is None else f"{v:5.1f}"
 
@@ -1059,9 +1074,10 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # time the convolution kernels once per shape
     net, model, criterion, opt, rng = build_run(cfg, counts, device)
-    history, best, done, seconds, pieces = [], None, 0, 0.0, []
-    if resume is not None:
-        history, best, done, seconds, pieces = _restore(resume, net, opt, criterion, rng, ckpt_path)
+    history, done, seconds, pieces = [], 0, 0.0, []
+    if resume is not None:  # last.pt's "best" is chosen again from its history, as below
+        history, _, done, seconds, pieces = _restore(resume, net, opt, criterion, rng, ckpt_path)
+    best = best_of(history, cfg.epochs)
     piece = {**piece_info(cfg, device), "epochs": [done + 1, done]}  # its first and last epoch
     if pieces and (warning := _not_bit_for_bit(pieces[-1], piece)):
         print(warning, file=sys.stderr)
@@ -1086,11 +1102,11 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
             t0, bar = time.time(), progress_line(epoch + 1, cfg.epochs) if show else None
             row = run_epoch(cfg, epoch, model, criterion, opt, step, epoch_data, rng, bar)
             last = epoch == cfg.epochs - 1
-            if (epoch + 1) % cfg.print_freq == 0 or last:
+            if (epoch + 1) % cfg.print_freq == 0 or epoch + 1 in best_from(cfg.epochs):
                 row.update(evaluate(model, x_test, y_test, counts, n_max, cfg.test_batch_size))
-                best = row if best is None or row["avg"] > best["avg"] else best
             row["seconds"] = time.time() - t0
             history.append(row)
+            best = best_of(history, cfg.epochs)
             piece["epochs"][1] = epoch + 1
             if ckpt_path is not None and ((epoch + 1) % cfg.save_every == 0 or last):
                 with _signals_held():
@@ -1105,7 +1121,8 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
         raise
     keys = ("epoch", "avg", "many", "med", "few", "avg_tta", "many_tta", "med_tta", "few_tta")
     return net, {"config": dataclasses.asdict(cfg), "final": {k: history[-1][k] for k in keys},
-                 "best": {k: best[k] for k in keys}, **{k: v for k, v in piece.items() if k != "epochs"},
+                 "best": {k: best[k] for k in keys}, "best_chosen_from": best_from(cfg.epochs),
+                 **{k: v for k, v in piece.items() if k != "epochs"},
                  "params": n_params, "seconds": time.time() - t_start, "pieces": pieces,
                  "history": history}
 
@@ -1119,8 +1136,8 @@ def finish(cfg: Config, net, summary, log=print) -> dict:
     log(f"final (epoch {f['epoch']}): avg {_fmt(f['avg'])} many {_fmt(f['many'])} med {_fmt(f['med'])} "
         f"few {_fmt(f['few'])} | flip-TTA avg {_fmt(f['avg_tta'])} many {_fmt(f['many_tta'])} "
         f"med {_fmt(f['med_tta'])} few {_fmt(f['few_tta'])}")
-    log(f"best on the test set (epoch {b['epoch']}, chosen on the test set, optimistic): "
-        f"avg {_fmt(b['avg'])} | flip-TTA avg {_fmt(b['avg_tta'])}")
+    log(f"best of the evaluations at epochs 10, 20, ... and the last (epoch {b['epoch']}, chosen on "
+        f"the test set, optimistic): avg {_fmt(b['avg'])} | flip-TTA avg {_fmt(b['avg_tta'])}")
     log(f"{summary['seconds']:.1f}s on {summary['device_name']}")
     if cfg.out is not None:  # summary.json last: its presence says the run is complete
         rows = "".join(json.dumps(row) + "\n" for row in history if "avg" in row)

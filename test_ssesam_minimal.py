@@ -16,6 +16,7 @@ import ast
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import io
@@ -1499,7 +1500,9 @@ def test_a_run_prints_its_setting_one_line_per_epoch_and_the_final_and_best_eval
     final, best = straight_run.summary["final"], straight_run.summary["best"]
     assert lines[4].startswith(f"final (epoch 3): avg {final['avg']:5.1f} many {final['many']:5.1f}")
     assert f"| flip-TTA avg {final['avg_tta']:5.1f}" in lines[4]
-    assert lines[5].startswith(f"best on the test set (epoch {best['epoch']}, chosen on the test set")
+    assert lines[5].startswith(f"best of the evaluations at epochs 10, 20, ... and the last (epoch "
+                               f"{best['epoch']}, chosen on the test set, optimistic): "
+                               f"avg {best['avg']:5.1f}")
     assert re.fullmatch(r"[\d.]+s on cpu", lines[6])
 
 
@@ -1516,10 +1519,69 @@ def test_a_run_writes_metrics_per_evaluated_epoch_summary_model_and_last_pt(stra
     assert saved["config"] == dataclasses.asdict(sm.parse_config(RUN + ["--out", str(out)]))
     keys = ("epoch", "avg", "many", "med", "few", "avg_tta", "many_tta", "med_tta", "few_tta")
     assert saved["final"] == {k: rows[-1][k] for k in keys}
-    assert saved["best"] == {k: max(rows, key=lambda r: r["avg"])[k] for k in keys}
+    assert saved["best"] == {k: rows[-1][k] for k in keys}  # 3 epochs: no 10th, so the last
+    assert saved["best_chosen_from"] == [3]
     assert (saved["device"], saved["torch"]) == ("cpu", torch.__version__)
     assert saved["params"] == sum(p.numel() for p in sm.build_model("resnet8", 10).parameters())
     assert straight_run.ckpt["epoch"] == 3 and straight_run.ckpt["optimizer"]["k"] == 3
+
+
+def test_best_is_the_top_plain_avg_at_epochs_10_20_and_the_last_which_are_evaluated_whatever_print_freq(
+        tmp_path, monkeypatch, capsys):
+    # 25 epochs, --print_freq 7: evaluated at 7, 14, 21 (print_freq) and 10, 20, 25 (always); "best"
+    # from 10, 20 and 25 only, by plain Avg: neither 21's higher Avg nor 25's higher TTA Avg counts
+    avg = {7: 50.0, 10: 40.0, 14: 90.0, 20: 60.0, 21: 95.0, 25: 55.0}
+    tta = {**{e: a + 1 for e, a in avg.items()}, 25: 99.0}
+    done = []
+
+    def no_training(cfg, epoch, *a):  # the row run_epoch returns, without the epoch's steps
+        done.append(epoch + 1)
+        return {"epoch": epoch + 1, "lr": 0.0, "rho_head": 0.0, "rho_tail": 0.0, "loss": 1.0,
+                "train_acc": 0.0}
+
+    def scores(*a):  # a KeyError for an epoch that should not be evaluated
+        e = done[-1]
+        return {"avg": avg[e], "many": avg[e], "med": avg[e], "few": None,
+                "avg_tta": tta[e], "many_tta": tta[e], "med_tta": tta[e], "few_tta": None}
+
+    monkeypatch.setattr(sm, "run_epoch", no_training)
+    monkeypatch.setattr(sm, "evaluate", scores)
+    monkeypatch.setattr(sm, "data_counts", small_synthetic)
+    out = tmp_path / "out"
+    summary = sm.main(["--dataset", "synthetic", "--imb_factor", "10", "--arch", "resnet8", "--opt", "sgd",
+                       "--epochs", "25", "--print_freq", "7", "--device", "cpu", "--out", str(out)])
+    with open(out / "metrics.jsonl") as fh:
+        rows = {r["epoch"]: r for r in map(json.loads, fh)}
+    assert list(rows) == [7, 10, 14, 20, 21, 25]  # every evaluation is logged
+    assert summary["best_chosen_from"] == [10, 20, 25]
+    want = max((rows[e] for e in (10, 20, 25)), key=lambda r: r["avg"])
+    assert want["epoch"] == 20 and summary["best"] == {k: want[k] for k in summary["best"]}
+    assert "best of the evaluations at epochs 10, 20, ... and the last (epoch 20," in capsys.readouterr().out
+
+
+# the seed command's flags, on the synthetic set
+SEED_FLAGS = ["--imb_factor", "10", "--opt", "ssesam", "--loss", "CE", "--eta", "5", "--print_freq", "1",
+              "--head_rho", "0.05", "--tail_rho", "0.10", "--gamma", "0.70", "--dataset", "synthetic"]
+
+
+def test_a_seeded_20_epoch_run_with_the_seed_flags_reports_as_best_the_better_of_epochs_10_and_20(
+        tmp_path, monkeypatch, one_torch_thread):
+    # a smaller synthetic set (20 training images per class at most, IF 10, η 5; 10 test images per
+    # class), ResNet-8, batch 16, lr 0.03: seconds, and an epoch between 10 and 20 scores higher
+    monkeypatch.setattr(sm, "data_counts",
+                        lambda dataset, imb_factor: (sm.lt_class_counts(20, 10, imb_factor), 20))
+    monkeypatch.setattr(sm, "synthetic_cifar", functools.partial(sm.synthetic_cifar, n_test=10))
+    out = tmp_path / "out"
+    summary = sm.main(SEED_FLAGS + ["--arch", "resnet8", "--epochs", "20", "--batch_size", "16",
+                                    "--lr", "0.03", "--device", "cpu", "--out", str(out)])
+    with open(out / "metrics.jsonl") as fh:
+        rows = {r["epoch"]: r for r in map(json.loads, fh)}
+    assert list(rows) == list(range(1, 21))  # --print_freq 1: all 20 evaluated and logged
+    # precondition: the best of all 20 lies strictly between epochs 10 and 20
+    assert max(rows[e]["avg"] for e in range(11, 20)) > max(rows[10]["avg"], rows[20]["avg"])
+    want = rows[10] if rows[10]["avg"] >= rows[20]["avg"] else rows[20]  # the earlier on a tie
+    assert summary["best"] == {k: want[k] for k in summary["best"]}
+    assert summary["best_chosen_from"] == [10, 20]
 
 
 def test_summary_and_last_pt_record_where_the_run_ran_its_precision_threads_cpu_and_commit(straight_run):
