@@ -26,10 +26,10 @@ Reading map: sections in dependency order, each using only what is above it.
     Command line           the flags (made from Config), checks, main()
 
 Run: python ssesam_minimal.py (the seed command's settings: CIFAR-100-LT IF 100, ResNet-32, 200
-epochs), or python ssesam_minimal.py --dataset synthetic --arch resnet8 --epochs 2 (seconds, CPU).
-Measured: on an NVIDIA H200 (torch 2.11) an eager ResNet-32 SSE-SAM epoch of the seed command takes
-9-12 s before the switch and about 7 s after it. The accuracy table is not reproduced with this
-file yet (results/README.md). README.md lists where this file differs from the official code.
+epochs), or in seconds on a CPU, with the switch after epoch 2 of 4 and no download:
+    python ssesam_minimal.py --dataset synthetic --arch resnet8 --epochs 4 --gamma 0.5
+The accuracy table is not reproduced with this file yet, and its GPU timings were made with an
+early version (results/README.md). README.md lists where this file differs from the official code.
 """
 
 import argparse

@@ -2129,6 +2129,21 @@ def test_every_ssesam_minimal_command_in_the_readme_parses():
         sm.parse_config(args.split())
 
 
+def test_the_readme_and_the_module_docstring_give_one_quick_command_whose_run_switches_inside_it():
+    quick = r"python ssesam_minimal\.py --dataset synthetic[^\n`]*"
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
+        readme = [c.strip() for c in re.findall(quick, fh.read())]
+    doc = [c.strip() for c in re.findall(quick, sm.__doc__)]
+    assert len(readme) == len(doc) == 1 and readme == doc, (readme, doc)
+    cfg = sm.parse_config(doc[0].split()[2:])
+    model = nn.Linear(2, 2)
+    switch = sm.SSESAM(torch.optim.SGD(model.parameters(), lr=0.1), model, cfg.head_rho, cfg.tail_rho,
+                       cfg.gamma, cfg.epochs).cut
+    assert cfg.opt == "ssesam" and 0 < switch < cfg.epochs and cfg.epochs <= 5  # both stages, in seconds
+    # no speed figure in the docstring: the ones that say on what and with which code are elsewhere
+    assert not re.search(r"\d\s*(s|ms|min)\b|H200", sm.__doc__)
+
+
 # =============================================================================================
 # 12. README: SSE-SAM in your own training loop
 # =============================================================================================
