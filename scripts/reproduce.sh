@@ -8,7 +8,9 @@
 # Environment [defaults]: DATA_DIR [./datasets] (holds cifar-100-python/), EPOCHS [200], ROWS ["sgd
 # sam imbsam ssesam"], OUT_ROOT [results], GPU [0], EXTRA (more flags for every run), PYTHON [python],
 # MODE [processes]: a process per run, JOBS [4] at a time; or threads: JOBS runs per multi_run.py
-# process, CUDA_GRAPH [0]: 1 records every step as a CUDA graph (cuda_graph.py).
+# process, CUDA_GRAPH [0]: 1 records every step as a CUDA graph (cuda_graph.py), SUFFIX [""]: added to
+# each run's folder name, for a control run beside a row (SUFFIX=-fp32 EXTRA=--no-bf16 ROWS=sgd: the
+# SGD row again in fp32, into results/<arch>/sgd-seed<k>-fp32/).
 # Exit codes: 0, 1 a run failed, 2 bad usage, 130 / 143 interrupted.
 set -euo pipefail
 if [[ ${PYTHON:-} == */* ]]; then PYTHON=$(realpath -s "$PYTHON"); fi  # a path from here works after the cd
@@ -21,7 +23,7 @@ fi
 ARCH=$1 SEEDS=${2:-0}
 PYTHON=${PYTHON:-python} DATA_DIR=${DATA_DIR:-./datasets} EPOCHS=${EPOCHS:-200} JOBS=${JOBS:-4}
 MODE=${MODE:-processes} GPU=${GPU:-0} OUT_ROOT=${OUT_ROOT:-results} EXTRA=${EXTRA:-}
-ROWS=${ROWS:-"sgd sam imbsam ssesam"}
+ROWS=${ROWS:-"sgd sam imbsam ssesam"} SUFFIX=${SUFFIX:-}
 TRAIN=ssesam_minimal.py GRAPH_FLAG=""
 if [ "${CUDA_GRAPH:-0}" = 1 ]; then TRAIN=scripts/cuda_graph.py GRAPH_FLAG=--cuda_graph; fi
 
@@ -38,7 +40,7 @@ flags_of() {
         *)      echo "unknown row $1 (sgd, sam, imbsam, ssesam)" >&2; exit 2 ;;
     esac
 }
-out_of() { echo "$OUT_ROOT/$ARCH/$1-seed$2"; }
+out_of() { echo "$OUT_ROOT/$ARCH/$1-seed$2$SUFFIX"; }
 resume_of() { if [ -f "$1/last.pt" ]; then echo --resume; fi; }
 
 run_one() {  # opt seed: one process
@@ -69,6 +71,7 @@ run_threads() {  # "opt seed" ...: these runs in one multi_run.py process, which
 
 if ! [[ $MODE =~ ^(processes|threads)$ ]]; then echo "MODE must be processes or threads, got $MODE" >&2; exit 2; fi
 if ! [ "$JOBS" -ge 1 ] 2>/dev/null; then echo "JOBS must be a number >= 1, got $JOBS" >&2; exit 2; fi
+if ! [[ $SUFFIX =~ ^[A-Za-z0-9._-]*$ ]]; then echo "SUFFIX may hold letters, digits, . _ - only, got $SUFFIX" >&2; exit 2; fi
 for row in $ROWS; do flags_of "$row" > /dev/null; done  # reject an unknown row before starting
 start=$(date +%s)
 pending=()

@@ -15,12 +15,14 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -458,11 +460,15 @@ def reproduce(folder, mode, seeds):
 
 @slow_job("test_reproduce_sh_runs_a_row_skips_it_when_done_and_prints_the_table")
 def reproduce_processes(folder):
-    return folder, reproduce(folder, "processes", "3"), reproduce(folder, "processes", "3")
+    first, again = reproduce(folder, "processes", "3"), reproduce(folder, "processes", "3")
+    control = subprocess.run(["bash", os.path.join(SCRIPTS, "reproduce.sh"), "resnet8", "3"], capture_output=True,
+                             text=True, timeout=300, env=dict(REPRODUCE, OUT_ROOT=str(folder), SUFFIX="-bf16",
+                                                              EXTRA=REPRODUCE["EXTRA"] + " --bf16"))
+    return folder, first, again, control
 
 
 def test_reproduce_sh_runs_a_row_skips_it_when_done_and_prints_the_table(slow_result):
-    folder, first, again = slow_result
+    folder, first, again, control = slow_result
     run = folder / "resnet8" / "sgd-seed3"
     assert first.returncode == 0 and f"finished: {run}" in first.stdout, first.stderr
     assert sorted(os.listdir(run)) == ["last.pt", "metrics.jsonl", "model.pt", "summary.json", "train.log"]
@@ -470,9 +476,14 @@ def test_reproduce_sh_runs_a_row_skips_it_when_done_and_prints_the_table(slow_re
     cfg = summary["config"]
     assert [cfg[k] for k in ("opt", "seed", "arch", "epochs")] == ["sgd", 3, "resnet8", 1]
     avg = f"{summary['final']['avg']:.1f}"
-    assert re.search(rf"^\| CE \(SGD\) \| 1 \| .* \| {re.escape(avg)} \| 44.6 \|", first.stdout, re.M), \
+    assert re.search(rf"^\| CE \(SGD\) \| fp32 \| 1 \| .* \| {re.escape(avg)} \| 44.6 \|", first.stdout, re.M), \
         first.stdout
     assert again.returncode == 0 and f"done already: {run}" in again.stdout and "start:" not in again.stdout
+    # SUFFIX: the same row again beside it, here in bf16; the table shows it as its own row
+    assert control.returncode == 0 and f"finished: {run}-bf16" in control.stdout, control.stderr
+    assert json.loads((folder / "resnet8" / "sgd-seed3-bf16" / "summary.json").read_text())["precision"] == "bf16"
+    assert re.search(r"^\| CE \(SGD\) \| bf16 \| 1 \| ", control.stdout, re.M)
+    assert "| CE (SGD): fp32 − bf16 |" in control.stdout
 
 
 @slow_job("test_ctrl_c_in_reproduce_sh_threads_ends_multi_run_with_one_line_130_and_each_last_pt_resumes")
@@ -514,7 +525,8 @@ def test_ctrl_c_in_reproduce_sh_threads_ends_multi_run_with_one_line_130_and_eac
 
 
 @pytest.mark.parametrize("args,env", [([], {}), (["resnet8", "0"], {"ROWS": "sgd adam"}),
-                                      (["resnet8", "0"], {"MODE": "fibers"}), (["resnet8", "0"], {"JOBS": "0"})])
+                                      (["resnet8", "0"], {"MODE": "fibers"}), (["resnet8", "0"], {"JOBS": "0"}),
+                                      (["resnet8", "0"], {"SUFFIX": "/../x"})])
 def test_reproduce_sh_rejects_bad_usage_with_exit_2_before_running_anything(args, env, tmp_path):
     r = subprocess.run(["bash", os.path.join(SCRIPTS, "reproduce.sh")] + args, capture_output=True, text=True,
                        env=dict(ENV, OUT_ROOT=str(tmp_path / "results"), **env), timeout=30)
@@ -522,24 +534,54 @@ def test_reproduce_sh_rejects_bad_usage_with_exit_2_before_running_anything(args
     assert not (tmp_path / "results").exists()
 
 
-def test_results_table_gives_mean_and_sample_std_over_seeds(tmp_path, capsys):
-    for opt, avgs in {"ssesam": [48.0, 50.0, 49.0], "sgd": [44.0]}.items():
-        for seed, avg in enumerate(avgs):
-            metrics = {"avg": avg, "many": 70.0 + seed, "med": 50.0, "few": 17.0}
-            metrics.update({k + "_tta": v + 1 for k, v in metrics.items()})
-            (tmp_path / f"{opt}-seed{seed}").mkdir()
-            (tmp_path / f"{opt}-seed{seed}" / "summary.json").write_text(json.dumps(
-                {"config": {"opt": opt, "arch": "resnet32", "epochs": 200}, "params": 470000,
-                 "device_name": "cpu", "torch": "x", "seconds": 600.0 * (seed + 1), "final": metrics,
-                 "best": {k: v + 0.5 for k, v in metrics.items()}}))
+def write_summary(folder, opt, seed, avg, precision="bf16", suffix="", hours=1.0, many=70.0):
+    metrics = {"avg": avg, "many": many, "med": 50.0, "few": 17.0}
+    metrics.update({k + "_tta": v + 1 for k, v in metrics.items()})
+    cpu = {"name": "AMD EPYC", "vendor": "AuthenticAMD", "family": "25", "model": "17", "amx": False,
+           "avx512_bf16": True}
+    (folder / f"{opt}-seed{seed}{suffix}").mkdir(parents=True)
+    (folder / f"{opt}-seed{seed}{suffix}" / "summary.json").write_text(json.dumps(
+        {"config": {"opt": opt, "arch": "resnet32", "epochs": 200}, "params": 470000, "device": "cpu",
+         "device_name": "cpu", "precision": precision, "cpu": cpu, "threads": 2, "torch": "2.14.1",
+         "seconds": 3600.0 * hours, "final": metrics, "best": {k: v + 0.5 for k, v in metrics.items()}}))
+
+
+def test_results_table_gives_mean_and_sample_std_over_seeds_with_precision_hours_and_machine(tmp_path, capsys):
+    for seed, avg in enumerate([48.0, 50.0, 49.0]):
+        write_summary(tmp_path, "ssesam", seed, avg, hours=seed + 1, many=70.0 + seed)
+    write_summary(tmp_path, "sgd", 0, 44.0)
+    assert importlib.import_module("results_table").main(str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("resnet32, 0.47 M parameters, 200 epochs; made on AMD EPYC (family 25 model 17), "
+                          "2 threads; torch 2.14.1\n")
+    headline, best = out.split("Best test evaluation")
+    # avg 48, 50, 49: mean 49.0, sample std 1.0; many 70, 71, 72; hours 1, 2, 3
+    sse = "| +SSE-SAM | bf16 | 3 | {} ± 1.0 | {} ± 0.0 | {} ± 0.0 | {} ± 1.0 | 49.3 | 2.0 ± 1.0 |"
+    assert sse.format(71.0, 50.0, 17.0, 49.0) in headline
+    assert "| CE (SGD) | bf16 | 1 | 70.0 | 50.0 | 17.0 | 44.0 | 44.6 | 1.0 |" in headline
+    assert sse.format(72.5, 51.5, 18.5, 50.5) in best  # the best: each + 0.5, re-scored with TTA: + 1
+    assert "+SAM" not in headline and "−" not in out  # rows without runs are left out; no pair
+
+
+def test_results_table_shows_a_control_in_another_precision_as_its_own_row_and_the_difference(tmp_path,
+                                                                                             capsys):
+    write_summary(tmp_path, "sgd", 0, 44.0)
+    write_summary(tmp_path, "sgd", 0, 45.5, precision="fp32", suffix="-fp32", hours=1.5, many=69.0)
     assert importlib.import_module("results_table").main(str(tmp_path)) == 0
     headline, best = capsys.readouterr().out.split("Best test evaluation")
-    # avg 48, 50, 49: mean 49.0, sample std 1.0; many 70, 71, 72; minutes 10, 20, 30
-    sse = "| +SSE-SAM | 3 | {} ± 1.0 | {} ± 0.0 | {} ± 0.0 | {} ± 1.0 | 49.3 | 20.0 ± 10.0 |"
-    assert sse.format(71.0, 50.0, 17.0, 49.0) in headline
-    assert "| CE (SGD) | 1 | 70.0 | 50.0 | 17.0 | 44.0 | 44.6 | 10.0 |" in headline
-    assert sse.format(72.5, 51.5, 18.5, 50.5) in best  # the best: each + 0.5, re-scored with TTA: + 1
-    assert "+SAM" not in headline  # rows without runs are left out
+    rows = [line for line in headline.splitlines() if line.startswith("| CE (SGD)")]
+    assert rows == ["| CE (SGD) | bf16 | 1 | 70.0 | 50.0 | 17.0 | 44.0 | 44.6 | 1.0 |",
+                    "| CE (SGD) | fp32 | 1 | 69.0 | 50.0 | 17.0 | 45.5 | 44.6 | 1.5 |",
+                    "| CE (SGD): fp32 − bf16 | | | -1.0 | +0.0 | +0.0 | +1.5 | | |"]
+    assert "| CE (SGD): fp32 − bf16 | | | -1.0 | +0.0 | +0.0 | +1.5 | | |" in best
+
+
+def test_results_table_with_a_damaged_summary_exits_2_with_one_line_naming_it(tmp_path, capsys):
+    write_summary(tmp_path, "sgd", 0, 44.0)
+    (tmp_path / "sgd-seed0" / "summary.json").write_text("{truncated")
+    assert importlib.import_module("results_table").main(str(tmp_path)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(tmp_path / "sgd-seed0" / "summary.json") in err[0]
 
 
 def test_gpu_check_sh_is_valid_bash():
@@ -565,3 +607,147 @@ def test_gpu_check_sh_summary_gives_each_checks_status_and_numbers(cpu_check, ti
             f"switch, {ratios[1]:.3f} after it |") in md
     assert "\n    largest relative difference per tensor, graphed vs plain: 0 after step 1 (-), 0 after" in md
     assert f"| official ssesam | {rows['official ssesam']['median_ms']:.2f} | 1.000 | 4F+4B | -- |" in md
+
+
+# =============================================================================================
+# curves.py, saddle.py: the pictures of the table's runs
+# =============================================================================================
+
+TINY_RUN = (SMALL + " --imb_factor 10 --epochs 4 --gamma 0.5 --print_freq 2 --opt ssesam").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A finished SSE-SAM run (4 epochs, the switch after 2, evaluated at 2 and 4) with its train.log
+    as reproduce.sh keeps it, a copy of it in progress (last.pt after epoch 3, no summary.json) and
+    one with only its train.log."""
+    root = tmp_path_factory.mktemp("runs") / "resnet8"
+    done = root / "ssesam-seed0"
+    summary, text = printed(sm.main, TINY_RUN + ["--out", str(done)])
+    (done / "train.log").write_text(text)
+    running = root / "ssesam-seed1"
+    running.mkdir()
+    ckpt = torch.load(done / "last.pt", map_location="cpu", weights_only=True)
+    ckpt["epoch"], ckpt["history"] = 3, ckpt["history"][:3]
+    torch.save(ckpt, running / "last.pt")
+    log_only = root / "ssesam-seed2"
+    log_only.mkdir()
+    (log_only / "train.log").write_text("\n".join(text.splitlines()[:3]) + "\n")  # the first line, 2 epochs
+    return SimpleNamespace(root=root, done=done, running=running, log_only=log_only, summary=summary,
+                           history=torch.load(done / "last.pt", weights_only=True)["history"])
+
+
+@pytest.fixture
+def curves():
+    return importlib.import_module("curves")
+
+
+def test_curves_read_a_finished_run_a_run_in_progress_and_a_bare_log_as_the_run_wrote_them(tiny_runs, curves):
+    history = tiny_runs.history  # every epoch, as train() kept it
+    done = curves.read_run(str(tiny_runs.done))
+    assert done["done"] and done["config"] == {"dataset": "synthetic", "arch": "resnet8", "opt": "ssesam", "epochs": 4}
+    assert [r["epoch"] for r in done["rows"]] == [1, 2, 3, 4]
+    # the loss of each epoch from train.log (4 decimals), exact where metrics.jsonl has the epoch
+    assert [r["loss"] for r in done["rows"]] == [h["loss"] if "avg" in h else float(f"{h['loss']:.4f}")
+                                                 for h in history]
+    with open(tiny_runs.done / "metrics.jsonl") as fh:
+        evaluated = [json.loads(line) for line in fh]
+    assert [r for r in done["rows"] if "avg_tta" in r] == [{**r, "epochs": 4} for r in evaluated]  # exact
+    running = curves.read_run(str(tiny_runs.running))
+    assert not running["done"] and running["rows"] == history[:3]
+    bare = curves.read_run(str(tiny_runs.log_only))
+    assert [r["epoch"] for r in bare["rows"]] == [1, 2] and bare["config"]["arch"] == "resnet8"
+    assert bare["rows"][1]["avg"] == float(f"{history[1]['avg']:.1f}") and "avg" not in bare["rows"][0]
+    assert curves.switch_epoch(done["rows"]) == 2  # ρ_head = 0 after ⌈0.5 · 4⌉ = 2 epochs
+    assert curves.switch_epoch(bare["rows"]) is None  # not seen yet
+
+
+def test_curves_draws_one_run_or_several_into_a_png(tiny_runs, curves, tmp_path, capsys):
+    one = tmp_path / "one.png"
+    curves.main([str(tiny_runs.done), "--out", str(one)])
+    assert one.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = curves.main([str(tiny_runs.root)])  # every run under the folder, into its curves.png
+    assert out == str(tiny_runs.root / "curves.png") and os.path.getsize(out) > 0
+    text = capsys.readouterr().out
+    assert "ssesam-seed1: 3 of 4 epochs, in progress" in text and "ssesam-seed0: 4 of 4 epochs\n" in text
+    os.remove(out)
+
+
+@pytest.mark.parametrize("damage,needle", [("no metrics", "without its metrics.jsonl"),
+                                           ("bad summary", "summary.json is damaged"),
+                                           ("bad last.pt", "last.pt is not a readable checkpoint"),
+                                           ("other network", "different networks"),
+                                           ("empty", "holds no run"), ("missing", "is not a folder")])
+def test_curves_bad_input_exits_2_with_one_line_and_writes_nothing(damage, needle, tiny_runs, curves, tmp_path,
+                                                                 capsys):
+    run = tmp_path / "ssesam-seed0"
+    shutil.copytree(tiny_runs.done, run)
+    folders = [str(run)]
+    if damage == "no metrics":
+        os.remove(run / "metrics.jsonl")
+    elif damage == "bad summary":
+        (run / "summary.json").write_text("{")
+    elif damage == "bad last.pt":
+        os.remove(run / "summary.json")
+        (run / "last.pt").write_bytes(b"garbage")
+    elif damage == "other network":
+        other = tmp_path / "sgd-seed0"
+        other.mkdir()
+        (other / "train.log").write_text("synthetic IF 10: 49 train images, 10 classes, 5 tail (n < 10); "
+                                         "resnet32 0.47 M params; sgd + CE; device cpu\n")
+        folders.append(str(other))
+    elif damage == "empty":
+        folders = [str(tmp_path / "nothing")]
+        os.mkdir(folders[0])
+    else:
+        folders = [str(tmp_path / "absent")]
+    with pytest.raises(SystemExit) as exc:
+        curves.main(folders + ["--out", str(tmp_path / "c.png")])
+    err = capsys.readouterr().err.splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "c.png").exists()
+
+
+@pytest.fixture
+def saddle():
+    return importlib.import_module("saddle")
+
+
+def test_saddle_gives_saddle_analysis_of_each_model_pt_and_writes_json_and_png(tiny_runs, saddle, tmp_path):
+    report = saddle.main([str(tiny_runs.done), "--images", "8", "--steps", "4", "--out", str(tmp_path)])
+    # the same numbers the obvious way: the run's network and loss, its weights, the module's analysis
+    cfg = sm.Config(**tiny_runs.summary["config"])
+    x, y, _, _, counts, _ = sm.load_data("synthetic", imb_factor=10.0)
+    model = sm.build_model("resnet8", 10)
+    model.load_state_dict(torch.load(tiny_runs.done / "model.pt", weights_only=True))
+    expected = sm.saddle_analysis(model.eval(), sm.LongTailLoss("CE", counts), x, y, counts, cfg.eta,
+                                  max_images=8, seed=0, k=4)
+    got = report["runs"]["ssesam-seed0"]
+    assert {g: got[g] for g in ("head", "tail")} == expected
+    assert report["lanczos_steps"] == 4 and report["precision"] == "fp32"
+    assert report["images_per_group"] == {"head": 8, "tail": 8}
+    assert json.loads((tmp_path / "saddle.json").read_text()) == report
+    assert (tmp_path / "saddle.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("damage,needle", [("no model", "has no model.pt"), ("bad model", "not a readable model.pt"),
+                                           ("other network", "not the weights of a resnet8"),
+                                           ("in progress", "holds no finished run")])
+def test_saddle_bad_input_exits_2_with_one_line_and_writes_nothing(damage, needle, tiny_runs, saddle, tmp_path,
+                                                                 capsys):
+    run = tmp_path / "runs" / "ssesam-seed0"
+    shutil.copytree(tiny_runs.done, run)
+    folder = run
+    if damage == "no model":
+        os.remove(run / "model.pt")
+    elif damage == "bad model":
+        (run / "model.pt").write_bytes(b"garbage")
+    elif damage == "other network":
+        torch.save(sm.build_model("resnet14", 10).state_dict(), run / "model.pt")
+    else:
+        folder = tiny_runs.running
+    with pytest.raises(SystemExit) as exc:
+        saddle.main([str(folder), "--images", "4", "--steps", "2", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "saddle.json").exists() and not (tmp_path / "saddle.png").exists()

@@ -1,0 +1,201 @@
+"""curves.py -- the training curves of one or more runs: test Avg, Many, Med and Few, and the training
+loss, against the epoch, with SSE-SAM's switch marked.
+
+    python scripts/curves.py results/resnet32                  # every run under it -> its curves.png
+    python scripts/curves.py results/resnet32/sgd-seed0 results/resnet32/sgd-seed0-fp32 --out sgd.png
+
+A folder is a run (it holds summary.json, last.pt or train.log) or holds runs. A finished run (with
+summary.json) is read from metrics.jsonl, and from train.log for the loss of every epoch; a run in
+progress from the history in its last.pt, or else from its train.log. The test curves have a point
+per evaluation (every 10 epochs in the table's runs), the loss one per epoch. All runs must be of
+one network and data set. --out [the runs' folder/curves.png]. Exit codes: 0, 2 bad input (one line,
+nothing written).
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import ssesam_minimal as sm  # noqa: E402
+
+PROG = "curves.py"
+TEST = ("avg", "many", "med", "few")
+# an epoch line of ssesam_minimal.py's log, up to its test columns
+EPOCH_LINE = re.compile(r"epoch +(\d+)/(\d+) lr \S+ rho_h (\S+) rho_t \S+ loss (\S+) train +\S+ \| test (.*?) \|")
+FIRST_LINE = re.compile(r"^(\S+) IF (\S+): .*?; (\S+) [\d.]+ M params; (\w+) \+ ", re.M)
+
+
+class BadInput(Exception):
+    """Bad input: main() prints it as one line and exits with code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise BadInput(message)
+
+
+def parse_log(path):
+    """(what the first line says, {epoch: row}) of a train.log; an epoch logged twice (a piece that
+    ran past its last saved epoch) keeps its last line, the one the run went on from."""
+    with open(path, errors="replace") as fh:
+        text = fh.read()
+    head = FIRST_LINE.search(text)
+    if head is None:
+        raise BadInput(f"{path} is not a log of ssesam_minimal.py (no first line)")
+    rows = {}
+    for m in EPOCH_LINE.finditer(text):
+        epoch, epochs, rho_head, loss, test = m.groups()
+        row = {"epoch": int(epoch), "epochs": int(epochs), "rho_head": float(rho_head), "loss": float(loss)}
+        values = dict(re.findall(r"(avg|many|med|few) +(\S+)", test))
+        row.update({k: None if values[k] == "--" else float(values[k]) for k in values})
+        rows[row["epoch"]] = row
+    dataset, _, arch, opt = head.groups()
+    return {"dataset": dataset, "arch": arch, "opt": opt}, rows
+
+
+def read_run(folder):
+    """{"name", "config" (dataset, arch, opt, epochs), "rows": per-epoch dicts, "done": bool}."""
+    files = {n: os.path.join(folder, n) for n in ("summary.json", "metrics.jsonl", "last.pt", "train.log")}
+    has = {n: os.path.isfile(p) for n, p in files.items()}
+    name = os.path.basename(os.path.normpath(folder))
+    if has["summary.json"]:  # finished: metrics.jsonl is part of it
+        try:
+            with open(files["summary.json"]) as fh:
+                config = json.load(fh)["config"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise BadInput(f"{files['summary.json']} is damaged ({type(e).__name__})")
+        if not has["metrics.jsonl"]:
+            raise BadInput(f"{folder} is a finished run without its metrics.jsonl")
+        try:
+            with open(files["metrics.jsonl"]) as fh:
+                evaluated = {r["epoch"]: r for r in map(json.loads, filter(str.strip, fh))}
+        except (ValueError, KeyError, TypeError) as e:
+            raise BadInput(f"{files['metrics.jsonl']} is damaged ({type(e).__name__})")
+        rows = parse_log(files["train.log"])[1] if has["train.log"] else {}
+        for e, r in evaluated.items():  # the exact test numbers over the log's rounded ones
+            rows[e] = {**rows.get(e, {}), **r}
+        done = True
+    elif has["last.pt"]:
+        try:
+            ckpt = sm.load_checkpoint(files["last.pt"])
+        except sm.UsageError as e:
+            raise BadInput(str(e).split("; delete it")[0])
+        config, rows, done = ckpt["config"], {r["epoch"]: r for r in ckpt["history"]}, False
+    elif has["train.log"]:
+        config, rows = parse_log(files["train.log"])
+        if rows:
+            config["epochs"] = next(iter(rows.values()))["epochs"]
+        done = False
+    else:
+        raise BadInput(f"{folder} holds no run (no summary.json, last.pt or train.log)")
+    config = {k: config.get(k) for k in ("dataset", "arch", "opt", "epochs")}
+    return {"name": name, "config": config, "rows": [rows[e] for e in sorted(rows)], "done": done}
+
+
+def find_runs(paths):
+    """The run folders named, or held one level down by the folders named."""
+    runs = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise BadInput(f"{path} is not a folder")
+        marks = ("summary.json", "last.pt", "train.log")
+        if any(os.path.isfile(os.path.join(path, m)) for m in marks):
+            runs.append(path)
+            continue
+        inside = sorted(os.path.join(path, d) for d in os.listdir(path)
+                        if any(os.path.isfile(os.path.join(path, d, m)) for m in marks))
+        if not inside:
+            raise BadInput(f"{path} holds no run")
+        runs += inside
+    return runs
+
+
+def switch_epoch(rows):
+    """The last epoch with ρ_head > 0 in a run whose ρ_head later drops to 0, or None."""
+    last = [r["epoch"] for r in rows if r.get("rho_head", 0) > 0]
+    if last and any(r["epoch"] > last[-1] for r in rows):
+        return last[-1]
+    return None
+
+
+def draw(runs, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+    panels = dict(zip(TEST + ("loss",), axes.flat))
+    titles = {"avg": "test Avg (mean per-class accuracy, %)", "many": "test Many (%)", "med": "test Med (%)",
+              "few": "test Few (%)", "loss": "training loss (at w)"}
+    for i, run in enumerate(runs):
+        label = run["name"] + ("" if run["done"] else " (in progress)")
+        colour = f"C{i % 10}"
+        for key, ax in panels.items():
+            pts = [(r["epoch"], r[key]) for r in run["rows"] if r.get(key) is not None]
+            if pts:
+                style = "-" if key == "loss" else ".-"
+                ax.plot(*zip(*pts), style, color=colour, label=label, lw=1.2, ms=4)
+        cut = switch_epoch(run["rows"]) if run["config"]["opt"] == "ssesam" else None
+        for ax in panels.values():
+            if cut is not None:
+                ax.axvline(cut + 0.5, color=colour, ls=":", lw=1)
+        if cut is not None:
+            run["switch"] = cut
+    epochs = max(r["config"]["epochs"] or r["rows"][-1]["epoch"] for r in runs if r["rows"])
+    for key, ax in panels.items():
+        ax.set_xlim(0, epochs + 1)  # every panel spans the whole run, finished or not
+        ax.set_title(titles[key], fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    legend = axes.flat[-1]
+    legend.axis("off")
+    handles, labels = panels["loss"].get_legend_handles_labels()
+    legend.legend(handles, labels, loc="upper left", fontsize=9, frameon=False)
+    notes = [f"{r['name']}: rho_head = 0 after epoch {r['switch']} (dotted)" for r in runs if "switch" in r]
+    cfg = runs[0]["config"]
+    legend.text(0, 0.05, "\n".join([f"{cfg['arch']}, {cfg['dataset']}"] + notes), fontsize=9,
+                transform=legend.transAxes, va="bottom")
+    tmp = out + ".tmp.png"
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None):
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", help="run folders, or folders holding runs")
+    p.add_argument("--out", help="the picture to write (default: the runs' folder/curves.png)")
+    try:
+        args = p.parse_args(argv)
+        runs = [read_run(f) for f in find_runs(args.folders)]
+        shapes = {(r["config"]["arch"], r["config"]["dataset"]) for r in runs}
+        if len(shapes) > 1:
+            raise BadInput("the runs are of different networks or data sets: "
+                           + ", ".join(f"{r['name']} {r['config']['arch']} {r['config']['dataset']}" for r in runs))
+        if not any(r["rows"] for r in runs):
+            raise BadInput("no run has finished an epoch yet")
+        parents = {os.path.dirname(os.path.normpath(f)) for f in find_runs(args.folders)}
+        out = args.out or os.path.join(sorted(parents)[0], "curves.png")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise BadInput(f"--out {out}: no such folder")
+        draw(runs, out)
+    except (BadInput, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    for r in runs:
+        last = r["rows"][-1]["epoch"] if r["rows"] else 0
+        print(f"{r['name']}: {last} of {r['config']['epochs']} epochs" + ("" if r["done"] else ", in progress"))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
