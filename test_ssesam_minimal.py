@@ -2184,7 +2184,7 @@ def test_notebook_is_valid_small_has_readable_stable_cell_ids_and_the_outputs_of
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6
     settings = "".join(o.get("text", "") for o in next(c for c in code if c.id == "s0-settings").outputs)
-    assert settings.startswith("settings: synthetic, IF 100, resnet8, 10 epochs")  # the defaults, not quick mode
+    assert settings.startswith("settings: noisy8x8, IF 100, resnet8, 10 epochs")  # the defaults, not quick mode
 
 
 def test_notebook_runs_top_to_bottom_in_quick_mode(monkeypatch):
@@ -2202,4 +2202,4 @@ def test_notebook_runs_top_to_bottom_in_quick_mode(monkeypatch):
     assert all(cell.execution_count is not None for cell in code)
     assert not [o for cell in code for o in cell.outputs if o.output_type == "error"]
     settings = "".join(o.get("text", "") for o in code[0].outputs)
-    assert settings.startswith("quick mode: synthetic"), settings
+    assert settings.startswith("quick mode: noisy8x8"), settings

@@ -184,15 +184,15 @@ def bench(cfg, counts, device, repeats=5, steps=3, graphed=None, log=print) -> d
     for name, r in rows.items():
         kernels = "--" if r["kernel_ms"] is None else f"{r['kernel_ms']:.2f}"
         log(f"| {name} | {r['median_ms']:.2f} | {r['of_official']:.3f} | {r['passes']} | {kernels} |")
-    log(f"\nSSE-SAM step: {rows['ssesam before the switch']['of_official']:.3f} of the official step's time "
-        f"before the switch, {rows['ssesam after the switch']['of_official']:.3f} after it")
     for name in [n for n in names if f"{n}, bf16" in rows]:  # fp32 time / bf16 time, per row
         rows[f"{name}, bf16"]["bf16_speedup"] = rows[name]["median_ms"] / rows[f"{name}, bf16"]["median_ms"]
-    if any("bf16_speedup" in r for r in rows.values()):
+    if any("bf16_speedup" in r for r in rows.values()):  # before the summary line, which comes last
         log("\n| step | fp32 ms | bf16 ms | bf16 speed-up |\n|---|---|---|---|")
         for name in [n for n in names if f"{n}, bf16" in rows]:
             b = rows[f"{name}, bf16"]
             log(f"| {name} | {rows[name]['median_ms']:.2f} | {b['median_ms']:.2f} | {b['bf16_speedup']:.2f}x |")
+    log(f"\nSSE-SAM step: {rows['ssesam before the switch']['of_official']:.3f} of the official step's time "
+        f"before the switch, {rows['ssesam after the switch']['of_official']:.3f} after it")
     return {"device": str(device), "device_name": device_name, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "repeats": repeats, "steps": steps,
             "config": dataclasses.asdict(cfg), "rows": rows}
