@@ -122,6 +122,21 @@ def switch_epoch(rows):
     return None
 
 
+def save_png(fig, path):
+    """Write fig to path.tmp.png, then rename it over path: path is the old picture or the whole
+    new one, never a part (as sm._atomic_write for the other files). The figure is closed."""
+    import matplotlib.pyplot as plt
+
+    tmp = path + ".tmp.png"
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def draw(runs, out):
     import matplotlib
     matplotlib.use("Agg")
@@ -159,14 +174,7 @@ def draw(runs, out):
     cfg = runs[0]["config"]
     legend.text(0, 0.05, "\n".join([f"{cfg['arch']}, {cfg['dataset']}"] + notes), fontsize=9,
                 transform=legend.transAxes, va="bottom")
-    tmp = out + ".tmp.png"
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_png(fig, out)
 
 
 def main(argv=None):
@@ -175,14 +183,15 @@ def main(argv=None):
     p.add_argument("--out", help="the picture to write (default: the runs' folder/curves.png)")
     try:
         args = p.parse_args(argv)
-        runs = [read_run(f) for f in find_runs(args.folders)]
+        folders = find_runs(args.folders)
+        runs = [read_run(f) for f in folders]
         shapes = {(r["config"]["arch"], r["config"]["dataset"]) for r in runs}
         if len(shapes) > 1:
             raise BadInput("the runs are of different networks or data sets: "
                            + ", ".join(f"{r['name']} {r['config']['arch']} {r['config']['dataset']}" for r in runs))
         if not any(r["rows"] for r in runs):
             raise BadInput("no run has finished an epoch yet")
-        parents = {os.path.dirname(os.path.normpath(f)) for f in find_runs(args.folders)}
+        parents = {os.path.dirname(os.path.normpath(f)) for f in folders}
         out = args.out or os.path.join(sorted(parents)[0], "curves.png")
         if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise BadInput(f"--out {out}: no such folder")

@@ -22,8 +22,9 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repo root (ssesam_minimal.py), curves.py's
 import ssesam_minimal as sm  # noqa: E402
+from curves import save_png  # noqa: E402
 
 PROG = "saddle.py"
 
@@ -101,14 +102,7 @@ def draw(runs, path):
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=9)
-    tmp = path + ".tmp.png"
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_png(fig, path)
 
 
 def main(argv=None):
