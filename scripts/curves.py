@@ -29,13 +29,9 @@ EPOCH_LINE = re.compile(r"epoch +(\d+)/(\d+) lr \S+ rho_h (\S+) rho_t \S+ loss (
 FIRST_LINE = re.compile(r"^(\S+) IF (\S+): .*?; (\S+) [\d.]+ M params; (\w+) \+ ", re.M)
 
 
-class BadInput(Exception):
-    """Bad input: main() prints it as one line and exits with code 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        raise BadInput(message)
+        raise sm.UsageError(message)
 
 
 def parse_log(path):
@@ -45,7 +41,7 @@ def parse_log(path):
         text = fh.read()
     head = FIRST_LINE.search(text)
     if head is None:
-        raise BadInput(f"{path} is not a log of ssesam_minimal.py (no first line)")
+        raise sm.UsageError(f"{path} is not a log of ssesam_minimal.py (no first line)")
     rows = {}
     for m in EPOCH_LINE.finditer(text):
         epoch, epochs, rho_head, loss, test = m.groups()
@@ -67,14 +63,14 @@ def read_run(folder):
             with open(files["summary.json"]) as fh:
                 config = json.load(fh)["config"]
         except (ValueError, KeyError, TypeError) as e:
-            raise BadInput(f"{files['summary.json']} is damaged ({type(e).__name__})")
+            raise sm.UsageError(f"{files['summary.json']} is damaged ({type(e).__name__})")
         if not has["metrics.jsonl"]:
-            raise BadInput(f"{folder} is a finished run without its metrics.jsonl")
+            raise sm.UsageError(f"{folder} is a finished run without its metrics.jsonl")
         try:
             with open(files["metrics.jsonl"]) as fh:
                 evaluated = {r["epoch"]: r for r in map(json.loads, filter(str.strip, fh))}
         except (ValueError, KeyError, TypeError) as e:
-            raise BadInput(f"{files['metrics.jsonl']} is damaged ({type(e).__name__})")
+            raise sm.UsageError(f"{files['metrics.jsonl']} is damaged ({type(e).__name__})")
         rows = parse_log(files["train.log"])[1] if has["train.log"] else {}
         for e, r in evaluated.items():  # the exact test numbers over the log's rounded ones
             rows[e] = {**rows.get(e, {}), **r}
@@ -82,8 +78,8 @@ def read_run(folder):
     elif has["last.pt"]:
         try:
             ckpt = sm.load_checkpoint(files["last.pt"])
-        except sm.UsageError as e:
-            raise BadInput(str(e).split("; delete it")[0])
+        except sm.UsageError as e:  # its advice to delete last.pt is for a resume, not for a picture
+            raise sm.UsageError(str(e).split("; delete it")[0]) from None
         config, rows, done = ckpt["config"], {r["epoch"]: r for r in ckpt["history"]}, False
     elif has["train.log"]:
         config, rows = parse_log(files["train.log"])
@@ -91,7 +87,7 @@ def read_run(folder):
             config["epochs"] = next(iter(rows.values()))["epochs"]
         done = False
     else:
-        raise BadInput(f"{folder} holds no run (no summary.json, last.pt or train.log)")
+        raise sm.UsageError(f"{folder} holds no run (no summary.json, last.pt or train.log)")
     config = {k: config.get(k) for k in ("dataset", "arch", "opt", "epochs")}
     return {"name": name, "config": config, "rows": [rows[e] for e in sorted(rows)], "done": done}
 
@@ -101,7 +97,7 @@ def find_runs(paths):
     runs = []
     for path in paths:
         if not os.path.isdir(path):
-            raise BadInput(f"{path} is not a folder")
+            raise sm.UsageError(f"{path} is not a folder")
         marks = ("summary.json", "last.pt", "train.log")
         if any(os.path.isfile(os.path.join(path, m)) for m in marks):
             runs.append(path)
@@ -109,7 +105,7 @@ def find_runs(paths):
         inside = sorted(os.path.join(path, d) for d in os.listdir(path)
                         if any(os.path.isfile(os.path.join(path, d, m)) for m in marks))
         if not inside:
-            raise BadInput(f"{path} holds no run")
+            raise sm.UsageError(f"{path} holds no run")
         runs += inside
     return runs
 
@@ -187,16 +183,16 @@ def main(argv=None):
         runs = [read_run(f) for f in folders]
         shapes = {(r["config"]["arch"], r["config"]["dataset"]) for r in runs}
         if len(shapes) > 1:
-            raise BadInput("the runs are of different networks or data sets: "
+            raise sm.UsageError("the runs are of different networks or data sets: "
                            + ", ".join(f"{r['name']} {r['config']['arch']} {r['config']['dataset']}" for r in runs))
         if not any(r["rows"] for r in runs):
-            raise BadInput("no run has finished an epoch yet")
+            raise sm.UsageError("no run has finished an epoch yet")
         parents = {os.path.dirname(os.path.normpath(f)) for f in folders}
         out = args.out or os.path.join(sorted(parents)[0], "curves.png")
         if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-            raise BadInput(f"--out {out}: no such folder")
+            raise sm.UsageError(f"--out {out}: no such folder")
         draw(runs, out)
-    except (BadInput, OSError) as e:
+    except (sm.UsageError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     for r in runs:
