@@ -1012,14 +1012,14 @@ def _checkpoint(cfg, epoch, net, opt, criterion, rng, history, best, seconds, pi
 
 
 def _restore(ckpt, net, opt, criterion, rng, path):
-    """Load a checkpoint into the live objects; returns (history, best, epochs done, seconds,
-    pieces)."""
+    """Load a checkpoint into the live objects; returns (history, epochs done, seconds, pieces).
+    Its "best" is not returned: train() chooses it again from the history."""
     try:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         criterion.load_state_dict(ckpt["criterion"])
         rng.set_state(ckpt["rng"])
-        return ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["seconds"], ckpt["pieces"]
+        return ckpt["history"], ckpt["epoch"], ckpt["seconds"], ckpt["pieces"]
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise UsageError(f"{path} does not fit this run ({type(e).__name__}); delete it to start afresh")
 
@@ -1075,8 +1075,8 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
         torch.backends.cudnn.benchmark = True  # time the convolution kernels once per shape
     net, model, criterion, opt, rng = build_run(cfg, counts, device)
     history, done, seconds, pieces = [], 0, 0.0, []
-    if resume is not None:  # last.pt's "best" is chosen again from its history, as below
-        history, _, done, seconds, pieces = _restore(resume, net, opt, criterion, rng, ckpt_path)
+    if resume is not None:
+        history, done, seconds, pieces = _restore(resume, net, opt, criterion, rng, ckpt_path)
     best = best_of(history, cfg.epochs)
     piece = {**piece_info(cfg, device), "epochs": [done + 1, done]}  # its first and last epoch
     if pieces and (warning := _not_bit_for_bit(pieces[-1], piece)):
