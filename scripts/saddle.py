@@ -69,16 +69,21 @@ def load_run(folder):
     return cfg, state
 
 
-def analyse(cfg, state, data, images, steps, seed, name):
-    """saddle_analysis of one run's weights, in fp32 and eval mode; the seconds it took."""
-    x, y, _, _, counts, _ = data
-    model = sm.build_model(cfg.arch, len(counts), normed=cfg.loss == "LDAM")
+def build_net(cfg, state, num_classes, name):
+    """The run's network holding the weights of its model.pt, or one line on why they do not fit."""
+    model = sm.build_model(cfg.arch, num_classes, normed=cfg.loss == "LDAM")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise sm.UsageError(f"{name}/model.pt is not the weights of a {cfg.arch} for {len(counts)} classes "
+        raise sm.UsageError(f"{name}/model.pt is not the weights of a {cfg.arch} for {num_classes} classes "
                             f"({type(e).__name__})")
-    model.eval()
+    return model
+
+
+def analyse(cfg, state, data, images, steps, seed, name):
+    """saddle_analysis of one run's weights, in fp32 and eval mode; the seconds it took."""
+    x, y, _, _, counts, _ = data
+    model = build_net(cfg, state, len(counts), name).eval()
     criterion = sm.LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s)
     t0 = time.time()
     result = sm.saddle_analysis(model, criterion, x, y, counts, cfg.eta, max_images=images, seed=seed, k=steps)

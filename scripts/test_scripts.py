@@ -751,3 +751,78 @@ def test_saddle_bad_input_exits_2_with_one_line_and_writes_nothing(damage, needl
     err = capsys.readouterr().err.splitlines()
     assert exc.value.code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "saddle.json").exists() and not (tmp_path / "saddle.png").exists()
+
+
+# =============================================================================================
+# evaluate.py: the saved weights give the run's numbers again
+# =============================================================================================
+
+@pytest.fixture
+def evaluate_py():
+    return importlib.import_module("evaluate")
+
+
+def test_evaluate_gives_the_final_numbers_of_summary_json_again_from_model_pt(tiny_runs, evaluate_py, tmp_path,
+                                                                             capsys, monkeypatch):
+    final = {k: tiny_runs.summary["final"][k] for k in evaluate_py.KEYS}
+    result = evaluate_py.main([str(tiny_runs.done)])["ssesam-seed0"]
+    assert result["fp32"] == final and result["same"] and set(result) == {"precision", "final", "same", "fp32"}
+    assert "ssesam-seed0 (fp32, as trained): " in capsys.readouterr().out
+    # a bf16 run: evaluated through the loop's bf16 forward, compared with its final, then in fp32
+    run = tmp_path / "runs" / "sgd-seed0"
+    shutil.copytree(tiny_runs.done, run)
+    forwards = []
+
+    class Spy(sm.Bf16Forward):
+        def forward(self, x):
+            forwards.append(x.shape[0])
+            return super().forward(x)
+
+    monkeypatch.setattr(sm, "Bf16Forward", Spy)
+    net = sm.build_model("resnet8", 10).to(memory_format=torch.channels_last)
+    net.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    _, _, xt, yt, counts, n_max = sm.load_data("synthetic", imb_factor=10.0)
+    bf16 = sm.evaluate(Spy(net), xt, yt, counts, n_max)
+    summary = {**tiny_runs.summary, "precision": "bf16", "final": {"epoch": 4, **bf16}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    forwards.clear()
+    result = evaluate_py.main([str(run.parent)])["sgd-seed0"]
+    assert result["bf16"] == bf16 and result["fp32"] == final and result["same"]
+    assert sum(forwards) == 2 * len(yt)  # each test image and its mirror, once, through the bf16 forward
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].startswith("sgd-seed0 (bf16, as trained): ") and text[0].endswith("equal to summary.json's final")
+    assert text[1].startswith("sgd-seed0 (fp32): avg ")
+    # a final that the weights do not give: exit code 1, and by how much
+    summary["final"]["avg"] += 1.5
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit) as exc:
+        evaluate_py.main([str(run)])
+    assert exc.value.code == 1 and "differs from summary.json's final, by up to 1.5 points" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage,needle", [("no model", "has no model.pt"), ("bad model", "not a readable model.pt"),
+                                           ("other network", "not the weights of a resnet8"),
+                                           ("no final", "has no final numbers"),
+                                           ("in progress", "holds no finished run"),
+                                           ("bad device", "--device gpu: not a device")])
+def test_evaluate_bad_input_exits_2_with_one_line(damage, needle, tiny_runs, evaluate_py, tmp_path, capsys):
+    run = tmp_path / "ssesam-seed0"
+    shutil.copytree(tiny_runs.done, run)
+    args = [str(run)]
+    if damage == "no model":
+        os.remove(run / "model.pt")
+    elif damage == "bad model":
+        (run / "model.pt").write_bytes(b"garbage")
+    elif damage == "other network":
+        torch.save(sm.build_model("resnet14", 10).state_dict(), run / "model.pt")
+    elif damage == "no final":
+        (run / "summary.json").write_text(json.dumps({"config": tiny_runs.summary["config"]}))
+    elif damage == "in progress":
+        args = [str(tiny_runs.running)]
+    else:
+        args += ["--device", "gpu"]
+    with pytest.raises(SystemExit) as exc:
+        evaluate_py.main(args)
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and needle in err[0] and captured.out == "", err
