@@ -60,18 +60,11 @@ def main(argv=None):
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="finished run folders, or folders holding them")
     p.add_argument("--data_dir", default="./datasets", help="folder holding the CIFAR python files")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     threads = torch.get_num_threads()
     try:
         args = p.parse_args(argv)
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise sm.UsageError(f"--device {args.device}: not a device (cpu, cuda or cuda:N)")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise sm.UsageError(f"--device {args.device}: no CUDA on this machine")
-        if device.type not in ("cpu", "cuda"):
-            raise sm.UsageError(f"--device {args.device}: only cpu and cuda are supported")
+        device = sm.resolve_device(sm.Config(device=args.device))  # the module's check of --device
         runs = {}
         for folder in finished_runs(args.folders):  # every check before the first evaluation
             cfg, state = load_run(folder)

@@ -804,7 +804,7 @@ def test_evaluate_gives_the_final_numbers_of_summary_json_again_from_model_pt(ti
                                            ("other network", "not the weights of a resnet8"),
                                            ("no final", "has no final numbers"),
                                            ("in progress", "holds no finished run"),
-                                           ("bad device", "--device gpu: not a device")])
+                                           ("bad device", "--device gpu: expected auto, cpu, cuda or cuda:N")])
 def test_evaluate_bad_input_exits_2_with_one_line(damage, needle, tiny_runs, evaluate_py, tmp_path, capsys):
     run = tmp_path / "ssesam-seed0"
     shutil.copytree(tiny_runs.done, run)
