@@ -14,7 +14,6 @@ point. Exit codes: 0 every run gives its final numbers again, 1 one does not, 2 
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -34,15 +33,12 @@ class _Parser(argparse.ArgumentParser):
         raise sm.UsageError(message)
 
 
-def read_summary(folder):
+def read_summary(summary, folder):
     """summary.json's precision, threads and final numbers, or one line on what is missing."""
-    path = os.path.join(folder, "summary.json")
-    with open(path) as fh:
-        summary = json.load(fh)  # load_run has read it once already
     try:
         return summary.get("precision", "fp32"), summary.get("threads"), {k: summary["final"][k] for k in KEYS}
     except (KeyError, TypeError) as e:
-        raise sm.UsageError(f"{path} has no final numbers ({type(e).__name__} {e})")
+        raise sm.UsageError(f"{os.path.join(folder, 'summary.json')} has no final numbers ({type(e).__name__} {e})")
 
 
 def line(numbers):
@@ -67,10 +63,10 @@ def main(argv=None):
         device = sm.resolve_device(sm.Config(device=args.device))  # the module's check of --device
         runs = {}
         for folder in finished_runs(args.folders):  # every check before the first evaluation
-            cfg, state = load_run(folder)
+            cfg, state, summary = load_run(folder)
             name = os.path.basename(os.path.normpath(folder))
             net = build_net(cfg, state, len(sm.data_counts(cfg.dataset, cfg.imb_factor)[0]), name)
-            runs[name] = (cfg, net, *read_summary(folder))
+            runs[name] = (cfg, net, *read_summary(summary, folder))
         data = {(c.dataset, c.imb_factor, c.subset_seed): None for c, *_ in runs.values()}
         for key in data:  # each data set once, all of them before the first line is printed
             data[key] = sm.load_data(key[0], args.data_dir, *key[1:])

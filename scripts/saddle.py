@@ -52,11 +52,13 @@ def finished_runs(paths):
 
 
 def load_run(folder):
-    """(config, state dict of model.pt) of a finished run, or one line on what is wrong."""
+    """(config, state dict of model.pt, summary.json as read) of a finished run, or one line on what
+    is wrong."""
     path = os.path.join(folder, "summary.json")
     try:
         with open(path) as fh:
-            cfg = sm.Config(**json.load(fh)["config"])
+            summary = json.load(fh)
+        cfg = sm.Config(**summary["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise sm.UsageError(f"{path} is not a summary.json of ssesam_minimal.py ({type(e).__name__})")
     path = os.path.join(folder, "model.pt")
@@ -66,7 +68,7 @@ def load_run(folder):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, not a torch file
         raise sm.UsageError(f"{path} is not a readable model.pt ({type(e).__name__})")
-    return cfg, state
+    return cfg, state, summary
 
 
 def build_net(cfg, state, num_classes, name):
@@ -124,18 +126,18 @@ def main(argv=None):
             raise sm.UsageError(f"need --images >= 1 and --steps >= 2, got {args.images}, {args.steps}")
         folders = finished_runs(args.folders)
         loaded = {os.path.basename(os.path.normpath(f)): load_run(f) for f in folders}  # every check first
-        shapes = {(c.arch, c.dataset, c.imb_factor, c.subset_seed, c.eta) for c, _ in loaded.values()}
+        shapes = {(c.arch, c.dataset, c.imb_factor, c.subset_seed, c.eta) for c, *_ in loaded.values()}
         if len(shapes) > 1:
             raise sm.UsageError("the runs differ in network, data or eta: "
                                 + ", ".join(f"{n} {c.arch} {c.dataset} IF {c.imb_factor:g} eta {c.eta}"
-                                            for n, (c, _) in loaded.items()))
+                                            for n, (c, *_) in loaded.items()))
         out = args.out or os.path.dirname(os.path.normpath(folders[0]))
         if not os.path.isdir(out):
             raise sm.UsageError(f"--out {out} is not a folder")
         cfg = next(iter(loaded.values()))[0]
         data = sm.load_data(cfg.dataset, args.data_dir, cfg.imb_factor, cfg.subset_seed)
         results, seconds = {}, {}
-        for name, (c, state) in loaded.items():
+        for name, (c, state, _) in loaded.items():
             results[name], seconds[name] = analyse(c, state, data, args.images, args.steps, args.seed, name)
             r = results[name]
             print(f"{name}: " + "; ".join(
