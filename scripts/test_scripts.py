@@ -730,22 +730,30 @@ def test_saddle_gives_saddle_analysis_of_each_model_pt_and_writes_json_and_png(t
     assert (tmp_path / "saddle.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("damage,needle", [("no model", "has no model.pt"), ("bad model", "not a readable model.pt"),
-                                           ("other network", "not the weights of a resnet8"),
-                                           ("in progress", "holds no finished run")])
-def test_saddle_bad_input_exits_2_with_one_line_and_writes_nothing(damage, needle, tiny_runs, saddle, tmp_path,
-                                                                 capsys):
+# what saddle.py and evaluate.py (which loads runs with saddle.py's load_run) refuse, and the words
+LOAD_DAMAGES = [("no model", "has no model.pt"), ("bad model", "not a readable model.pt"),
+                ("other network", "not the weights of a resnet8"), ("in progress", "holds no finished run")]
+
+
+def damaged_run(damage, tiny_runs, tmp_path):
+    """The folder to pass: a copy of the tiny finished run with one of LOAD_DAMAGES (None: intact)."""
+    if damage == "in progress":
+        return tiny_runs.running
     run = tmp_path / "runs" / "ssesam-seed0"
     shutil.copytree(tiny_runs.done, run)
-    folder = run
     if damage == "no model":
         os.remove(run / "model.pt")
     elif damage == "bad model":
         (run / "model.pt").write_bytes(b"garbage")
     elif damage == "other network":
         torch.save(sm.build_model("resnet14", 10).state_dict(), run / "model.pt")
-    else:
-        folder = tiny_runs.running
+    return run
+
+
+@pytest.mark.parametrize("damage,needle", LOAD_DAMAGES)
+def test_saddle_bad_input_exits_2_with_one_line_and_writes_nothing(damage, needle, tiny_runs, saddle, tmp_path,
+                                                                 capsys):
+    folder = damaged_run(damage, tiny_runs, tmp_path)
     with pytest.raises(SystemExit) as exc:
         saddle.main([str(folder), "--images", "4", "--steps", "2", "--out", str(tmp_path)])
     err = capsys.readouterr().err.splitlines()
@@ -800,26 +808,14 @@ def test_evaluate_gives_the_final_numbers_of_summary_json_again_from_model_pt(ti
     assert exc.value.code == 1 and "differs from summary.json's final, by up to 1.5 points" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("damage,needle", [("no model", "has no model.pt"), ("bad model", "not a readable model.pt"),
-                                           ("other network", "not the weights of a resnet8"),
-                                           ("no final", "has no final numbers"),
-                                           ("in progress", "holds no finished run"),
-                                           ("bad device", "--device gpu: expected auto, cpu, cuda or cuda:N")])
+@pytest.mark.parametrize("damage,needle", LOAD_DAMAGES + [
+    ("no final", "has no final numbers"), ("bad device", "--device gpu: expected auto, cpu, cuda or cuda:N")])
 def test_evaluate_bad_input_exits_2_with_one_line(damage, needle, tiny_runs, evaluate_py, tmp_path, capsys):
-    run = tmp_path / "ssesam-seed0"
-    shutil.copytree(tiny_runs.done, run)
+    run = damaged_run(damage if damage in dict(LOAD_DAMAGES) else None, tiny_runs, tmp_path)
     args = [str(run)]
-    if damage == "no model":
-        os.remove(run / "model.pt")
-    elif damage == "bad model":
-        (run / "model.pt").write_bytes(b"garbage")
-    elif damage == "other network":
-        torch.save(sm.build_model("resnet14", 10).state_dict(), run / "model.pt")
-    elif damage == "no final":
+    if damage == "no final":
         (run / "summary.json").write_text(json.dumps({"config": tiny_runs.summary["config"]}))
-    elif damage == "in progress":
-        args = [str(tiny_runs.running)]
-    else:
+    elif damage == "bad device":
         args += ["--device", "gpu"]
     with pytest.raises(SystemExit) as exc:
         evaluate_py.main(args)
