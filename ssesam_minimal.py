@@ -383,10 +383,9 @@ HEAD, TAIL = 0, 1  # the group index n_i of the official API
 
 # ---- The per-sample split
 def per_sample_losses(criterion, logits, y, tail):
-    """ℓ_i = criterion(logits, y), (B,), once the two inputs that would silently go wrong are
-    refused: a tail mask that is not a (B,) bool tensor, and a criterion without one loss per
-    sample (a mean would be divided by B again, or put in both groups). Dtypes and shapes only:
-    reading values back to the host would make a GPU wait and break graph capture."""
+    """ℓ_i = criterion(logits, y), (B,), after refusing what would go silently wrong: a tail that
+    is no (B,) bool mask, a criterion without one loss per sample (a mean would be divided by B
+    again). Dtypes and shapes only: a value read back to the host would make a GPU wait."""
     if not (isinstance(tail, torch.Tensor) and tail.dtype == torch.bool and tail.shape == y.shape):
         got = (f"{tail.dtype} of shape {tuple(tail.shape)}" if isinstance(tail, torch.Tensor)
                else type(tail).__name__)
@@ -412,8 +411,6 @@ def split_losses(loss_i, tail, weight="batch", omega=None):
         group:        L_g = Σ_{i in g} ℓ_i / Σ_{i in g} ω_i       (the SSE-SAM code's ImbSAM)
         imbsam_repo:  as batch, with L_tail doubled               (the ImbSAM authors' code)
     torch.where, not indexing: shapes stay static, and an empty group gives 0, never NaN."""
-    if loss_i.shape != tail.shape:  # a mean-reduced loss would go into both groups
-        raise ValueError(f"split_losses needs one loss per sample (reduction='none'), got {tuple(loss_i.shape)}")
     omega = torch.ones_like(loss_i) if omega is None else omega
     L_head = torch.where(tail, 0, loss_i).sum()
     L_tail = torch.where(tail, loss_i, 0).sum()
@@ -446,18 +443,18 @@ class _Climb(torch.optim.Optimizer):
     Optimizer with the base's param_groups, defaults and state: a torch lr_scheduler built on it or
     on the base sets the lr that the base step uses, and counts the calls of step()."""
 
-    rhos = (0.0, 0.0)  # (ρ_head, ρ_tail) in effect, for the logs
+    rhos = (0.0, 0.0)  # (ρ_head, ρ_tail) in effect, indexed by n_i, for the logs
     _own_state = ()    # what state_dict() keeps besides the base optimizer's state
 
     def __init__(self, optimizer, model, *rhos):
         if min(rhos) < 0:
             raise ValueError(f"rho must be >= 0, got {rhos}")
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.model, self.params = model, [p for p in model.parameters() if p.requires_grad]
         super().__init__(self.params, {})  # torch's hooks; the groups are the base's, below
         self.optimizer, self.param_groups = optimizer, optimizer.param_groups
         self.defaults, self.state = optimizer.defaults, optimizer.state
         self.w = [torch.empty_like(p) for p in self.params]  # w, saved before each climb
-        self.climbed = False                                 # a climb since the last step()
+        self.ready = False  # a climb (or SSE-SAM's G) since the last base step
 
     def state_dict(self):
         return {"base": self.optimizer.state_dict(), **{k: getattr(self, k) for k in self._own_state}}
@@ -468,21 +465,26 @@ class _Climb(torch.optim.Optimizer):
         for k in self._own_state:
             setattr(self, k, state[k])
 
-    def step(self):  # the base step at w; through here, so that a scheduler on self counts it
-        if not self.climbed:
-            name = type(self).__name__
+    def step(self, closure=None):  # the base step at w; through here, so that a scheduler counts it
+        name = type(self).__name__
+        if closure is not None:  # SAM overrides this; the others need the per-sample losses
+            raise TypeError(f"{name}.step(closure): a closure gives no per-sample losses and no tail "
+                            f"mask; call {name.lower()}_step(model, criterion, opt, x, y, tail)")
+        if not self.ready:
             raise RuntimeError(f"{name}.step() without a climb before it would be plain SGD: call "
                                f"{name.lower()}_step(model, criterion, opt, x, y, tail)")
-        self.climbed = False
+        self.ready = False
         self.optimizer.step()
 
     def grads(self):
         return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
 
     @torch.no_grad()
-    def zero_grad(self):
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
+    def zero_grad(self, set_to_none=True):  # as torch's; the steps zero in place (False), so that
+        if set_to_none:                     # a recorded CUDA graph keeps its .grad buffers
+            for p in self.params:
+                p.grad = None
+        elif grads := [p.grad for p in self.params if p.grad is not None]:
             torch._foreach_zero_(grads)
 
     @torch.no_grad()
@@ -493,7 +495,7 @@ class _Climb(torch.optim.Optimizer):
         eps = torch._foreach_mul(g, rho / (norm + 1e-16))
         torch._foreach_copy_(self.w, self.params)
         torch._foreach_add_(self.params, eps)
-        self.climbed = True
+        self.ready = True
         # an autocast block keeps the low-precision copy of w it made first: let it copy w + ε
         torch.clear_autocast_cache()
 
@@ -507,7 +509,8 @@ class _Climb(torch.optim.Optimizer):
 class SAM(_Climb):
     """SAM (Foret et al., ICLR 2021): step with ∇L(w + ε), ε = ρ · g / ‖g‖, g = ∇L(w).
         L(model(x)).backward();  sam.first_step()    # w -> w + ε
-        L(model(x)).backward();  sam.second_step()   # back to w, base step with ∇L(w + ε)"""
+        L(model(x)).backward();  sam.second_step()   # back to w, base step with ∇L(w + ε)
+    or sam.step(closure), the closure a torch closure (forward, backward, return the loss)."""
 
     def __init__(self, optimizer, model, rho=0.05):
         super().__init__(optimizer, model, rho)
@@ -515,16 +518,28 @@ class SAM(_Climb):
 
     def first_step(self):
         self.climb(self.rho, self.grads())
-        self.zero_grad()  # the backward at w + ε starts from 0
+        self.zero_grad(False)  # the backward at w + ε starts from 0
 
     def second_step(self):
         self.restore()
         self.step()
-        self.zero_grad()
+        self.zero_grad(False)
+
+    def step(self, closure=None):  # with a closure: SAM's whole step; returns the loss at w
+        if closure is None:
+            return super().step()
+        self.zero_grad(False)                          # g is the closure's gradient only
+        with torch.enable_grad():
+            loss = closure()                           # F1, B1 at w: g = ∇L(w)
+            self.first_step()                          # w -> w + ε
+            with frozen_bn_stats(self.model):
+                closure()                              # F2, B2: ∇L(w + ε)
+        self.second_step()                             # back to w, step with ∇L(w + ε)
+        return loss
 
 
 def sam_step(model, criterion, opt, x, y, tail):
-    opt.zero_grad()                                        # g is this batch's gradient only
+    opt.zero_grad(False)                                   # g is this batch's gradient only
     logits = model(x)                                      # F1 at w
     loss_i = per_sample_losses(criterion, logits, y, tail)  # (B,); tail: checked as by the others
     W = sample_weights(criterion, y).sum()                 # B, or Σ ω_i with class weights
@@ -556,22 +571,22 @@ class ImbSAM(_Climb):
     @torch.no_grad()
     def first_step(self):
         torch._foreach_copy_(self.g_head, self.grads())
-        self.zero_grad()
+        self.zero_grad(False)
 
     def second_step(self):
         self.climb(self.rho, self.grads())
-        self.zero_grad()
+        self.zero_grad(False)
 
     @torch.no_grad()
     def third_step(self):
         self.restore()
         torch._foreach_add_(self.grads(), self.g_head)  # G = ∇L_tail(w + ε_tail) + ∇L_head(w)
         self.step()
-        self.zero_grad()
+        self.zero_grad(False)
 
 
 def imbsam_step(model, criterion, opt, x, y, tail):
-    opt.zero_grad()                                        # ∇L_head(w) is this batch's only
+    opt.zero_grad(False)                                   # ∇L_head(w) is this batch's only
     logits = model(x)                                      # F1 at w
     loss_i = per_sample_losses(criterion, logits, y, tail)
     omega = sample_weights(criterion, y)
@@ -591,10 +606,8 @@ class SSESAM(_Climb):
     """SSE-SAM (Lyu et al., AAAI 2025): SAM on the head and on the tail loss, each along its own
     gradient, and no head perturbation after the first ⌈γT⌉ epochs (stage 2 = ImbSAM):
         G = ∇L_head(w + ε_head) + ∇L_tail(w + ε_tail),   ε_g = ρ_g · ∇L_g(w) / ‖∇L_g(w)‖
-    The seed API, for the head (n_i = 0), then the tail (n_i = 1): L_g(model(x)).backward(),
-    compute_and_add_epsilon(n_i) (w -> w + ε_g), L_g(model(x)).backward() again,
-    compute_grad_sum_and_restore_p() (G += ∇L_g(w + ε_g), back to w); then update() (the base step
-    with G) once per batch, update_rho() once per epoch. ssesam_step needs fewer passes."""
+    head_rho and tail_rho are the radii in effect: update_rho() sets head_rho to 0 at the switch.
+    The seed API (its README's snippet, 4F+4B) passes gradients through .grad; ssesam_step does not."""
 
     _own_state = ("k",)
 
@@ -602,39 +615,40 @@ class SSESAM(_Climb):
         super().__init__(optimizer, model, head_rho, tail_rho)
         if not (0 <= gamma < 1 and total_epochs >= 1):
             raise ValueError(f"need 0 <= gamma < 1 and total_epochs >= 1, got {gamma}, {total_epochs}")
-        self.head_rho0, self.tail_rho, self.gamma, self.total_epochs = head_rho, tail_rho, gamma, total_epochs
-        self.k = 0                                            # epochs finished (update_rho() calls)
-        self.G = [torch.zeros_like(p) for p in self.params]   # the gradient summed over the groups
+        self.head_rho, self.tail_rho, self.gamma, self.total_epochs = head_rho, tail_rho, gamma, total_epochs
+        # the switch after ⌈γT⌉ epochs, γT rounded as a decimal (0.07 · 100 is 7.000000000000001)
+        self.cut = math.ceil(round(gamma * total_epochs, 9))
+        self.k = 0                                           # epochs finished (update_rho() calls)
+        self.G = [torch.zeros_like(p) for p in self.params]  # the gradient summed over the groups
+        self.update_rho(0)                                   # γ = 0: no head climb at all
 
-    # ---- the stage switch, all of it: ρ_head = 0 once ⌈γT⌉ epochs are finished
-    @property
-    def cut(self):  # ⌈γT⌉ with γT as a decimal: 0.07 · 100 is 7.000000000000001 in floating point
-        return math.ceil(round(self.gamma * self.total_epochs, 9))
+    def update_rho(self, epochs=1):  # once after every epoch: ρ_head = 0 from epoch ⌈γT⌉ + 1 on
+        self.k += epochs
+        if self.k >= self.cut:
+            self.head_rho = 0.0
 
-    @property
-    def head_rho(self):  # ρ_tail never changes
-        return self.head_rho0 if self.k < self.cut else 0.0
-
-    def update_rho(self):  # once after every epoch
-        self.k += 1
+    def load_state_dict(self, state):  # k, and so the switch, into an optimizer built as the run's
+        super().load_state_dict(state)
+        self.update_rho(0)
 
     @property
     def rhos(self):  # (ρ_head, ρ_tail), indexed by n_i (the official rho_is)
         return (self.head_rho, self.tail_rho)
 
-    # ---- the seed API
-    def compute_and_add_epsilon(self, n_i, grads=None):  # w <- w + ε along grads or .grad; .grad = 0
-        self.climb(self.rhos[n_i], self.grads() if grads is None else grads)
-        self.zero_grad()
-
-    @torch.no_grad()
-    def add_grad(self, grads):
-        torch._foreach_add_(self.G, grads)  # G <- G + grads
+    # ---- the seed API: gradients pass through .grad
+    def compute_and_add_epsilon(self, n_i):  # w <- w + ε_g along .grad; then .grad = 0
+        self.climb(self.rhos[n_i], self.grads())
+        self.zero_grad(False)
 
     def compute_grad_sum_and_restore_p(self):  # G <- G + .grad, the gradient at w + ε; back to w
         self.add_grad(self.grads())
         self.restore()
-        self.zero_grad()
+        self.zero_grad(False)
+
+    @torch.no_grad()
+    def add_grad(self, g):  # G <- G + g
+        torch._foreach_add_(self.G, g)
+        self.ready = True
 
     @torch.no_grad()
     def update(self):  # base step with .grad = G; then .grad = 0 and G = 0 for the next batch
@@ -643,38 +657,32 @@ class SSESAM(_Climb):
                 p.grad = torch.zeros_like(p)
         torch._foreach_copy_([p.grad for p in self.params], self.G)
         self.step()
-        self.zero_grad()
+        self.zero_grad(False)
         torch._foreach_zero_(self.G)
 
 
 def ssesam_step(model, criterion, opt, x, y, tail):
-    """SSESAM's update, head then tail, in 3F+4B (2F+3B once ρ_head = 0). The seed's forward at w
-    for the tail repeats the head's (same w, same batch): one forward gives both gradients at w.
-    Those come from autograd.grad, and each climb zeroes .grad: what .grad held plays no part."""
-    logits = model(x)                                    # F1 at w, the one pass that feeds BN stats
+    """G = ∇L_head(w + ε_head) + ∇L_tail(w + ε_tail), head then tail, then the base step with G.
+    3F+4B, 2F+3B once ρ_head = 0: the seed's forward at w for the tail repeats the head's (same w,
+    same batch), so one forward gives both gradients at w. All gradients come from autograd.grad:
+    what .grad held plays no part."""
+    logits = model(x)                                       # F1 at w, the one pass that feeds BN stats
     loss_i = per_sample_losses(criterion, logits, y, tail)  # (B,) ℓ_i
-    omega = sample_weights(criterion, y)                 # (B,) all 1 unless DRW re-weights
-    L_head, L_tail = split_losses(loss_i, tail, "batch", omega)  # Σ_{i in group} ℓ_i / B
+    omega = sample_weights(criterion, y)                    # (B,) ω_i, all 1 unless DRW re-weights
+    L = split_losses(loss_i, tail, "batch", omega)          # (L_head, L_tail), L_g = Σ_{i in g} ℓ_i / B
     # g_head = ∇L_head(w), g_tail = ∇L_tail(w): two backwards through F1's graph (B1, B2)
-    g_head = torch.autograd.grad(L_head, opt.params, retain_graph=True, materialize_grads=True)
-    g_tail = torch.autograd.grad(L_tail, opt.params, materialize_grads=True)
-
-    def climbed_loss(n_i):  # L_head or L_tail at the weights the climb reached
-        with frozen_bn_stats(model):
-            return split_losses(criterion(model(x), y), tail, "batch", omega)[n_i]
-
-    # the head: G = ∇L_head(w + ε_head); in stage 2 ρ_head = 0, so ε_head = 0 and that is g_head
-    if opt.head_rho > 0:
-        opt.compute_and_add_epsilon(HEAD, g_head)        # w -> w + ε_head
-        climbed_loss(HEAD).backward()                    # F2, B3: ∇L_head(w + ε_head)
-        opt.compute_grad_sum_and_restore_p()             # G <- ∇L_head(w + ε_head); back to w
-    else:
-        opt.add_grad(g_head)                             # G <- g_head, without a pass
-    # the tail: G <- G + ∇L_tail(w + ε_tail)
-    opt.compute_and_add_epsilon(TAIL, g_tail)            # w -> w + ε_tail
-    climbed_loss(TAIL).backward()                        # F3, B4: ∇L_tail(w + ε_tail)
-    opt.compute_grad_sum_and_restore_p()                 # G <- G + ∇L_tail(w + ε_tail); back to w
-    opt.update()                                         # base step with G
+    g = [torch.autograd.grad(L[HEAD], opt.params, retain_graph=True, materialize_grads=True),
+         torch.autograd.grad(L[TAIL], opt.params, materialize_grads=True)]
+    for n_i in (HEAD, TAIL):
+        # G += ∇L_g(w + ε_g); where ρ_g = 0 (the head in stage 2) ε_g = 0, and that is g_g itself
+        if opt.rhos[n_i] > 0:
+            opt.climb(opt.rhos[n_i], g[n_i])                # w -> w + ε_g, ε_g = ρ_g · g_g / ‖g_g‖
+            with frozen_bn_stats(model):                    # F2 (head), F3 (tail) at w + ε_g
+                L_climbed = split_losses(criterion(model(x), y), tail, "batch", omega)[n_i]
+            g[n_i] = torch.autograd.grad(L_climbed, opt.params, materialize_grads=True)  # B3, B4
+            opt.restore()                                   # back to w
+        opt.add_grad(g[n_i])
+    opt.update()                                            # base step with G; then G = 0
     return logits.detach(), loss_i.detach()
 # ---- copy to here --------------------------------------------------------------------------
 

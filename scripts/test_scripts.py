@@ -660,6 +660,14 @@ def test_curves_read_a_finished_run_a_run_in_progress_and_a_bare_log_as_the_run_
     assert bare["rows"][1]["avg"] == float(f"{history[1]['avg']:.1f}") and "avg" not in bare["rows"][0]
     assert curves.switch_epoch(done["rows"]) == 2  # ρ_head = 0 after ⌈0.5 · 4⌉ = 2 epochs
     assert curves.switch_epoch(bare["rows"]) is None  # not seen yet
+    # an epoch logged twice (a piece that ran on past its last saved epoch): the later line counts
+    lines = (tiny_runs.done / "train.log").read_text().splitlines(keepends=True)
+    second = next(i for i, line in enumerate(lines) if line.startswith("epoch   2/"))
+    redone = lines[second].replace("loss ", "loss 9", 1)
+    (tiny_runs.log_only / "twice.log").write_text("".join(lines[:second + 1] + ["interrupted\n", redone]))
+    _, rows = curves.parse_log(str(tiny_runs.log_only / "twice.log"))
+    assert list(rows) == [1, 2] and rows[2]["loss"] == float("9" + f"{history[1]['loss']:.4f}")
+    os.remove(tiny_runs.log_only / "twice.log")
 
 
 def test_curves_draws_one_run_or_several_into_a_png(tiny_runs, curves, tmp_path, capsys):
@@ -800,6 +808,15 @@ def test_evaluate_gives_the_final_numbers_of_summary_json_again_from_model_pt(ti
     text = capsys.readouterr().out.splitlines()
     assert text[0].startswith("sgd-seed0 (bf16, as trained): ") and text[0].endswith("equal to summary.json's final")
     assert text[1].startswith("sgd-seed0 (fp32): avg ")
+    # evaluated at the run's thread count (a bf16 sum splits by thread), the caller's given back
+    before, seen = torch.get_num_threads(), []
+    (run / "summary.json").write_text(json.dumps({**summary, "threads": before + 2}))
+    evaluate = sm.evaluate
+    monkeypatch.setattr(sm, "evaluate", lambda *a, **k: seen.append(torch.get_num_threads()) or evaluate(*a, **k))
+    evaluate_py.main([str(run)])
+    assert seen == [before + 2] * 2 and torch.get_num_threads() == before
+    monkeypatch.setattr(sm, "evaluate", evaluate)
+    capsys.readouterr()
     # a final that the weights do not give: exit code 1, and by how much
     summary["final"]["avg"] += 1.5
     (run / "summary.json").write_text(json.dumps(summary))
