@@ -18,18 +18,19 @@ Reading map: sections in dependency order, each using only what is above it.
     Augmentation           random_crop_flip, normalize, shuffled_epoch (on the device)
     Networks               CifarResNet / resnet32, resnet34 (the official code's backbone)
     Losses                 LongTailLoss: CE, LDAM, LA, VS per sample, DRW class weights
-    The method             SAM, ImbSAM, SSE-SAM and their steps: one marked block that runs
-                           alone on torch, to copy into your own code
+    The method             SAM, ImbSAM, SSE-SAM and their steps (ssesam_step is the update): one
+                           marked block that runs alone on torch, to copy into your own code
     Evaluation             Avg and Many / Medium / Few
-    Training               Config, train_one_epoch (the algorithm), train (schedule, logs, last.pt)
-    Saddle analysis        λ_min / λ_max of the Hessians of L_head and L_tail
+    Training               Config, build_run, lr_at, train_one_epoch, run_epoch: one epoch
+    ---- the divider: a first reading may stop there; below it, the machinery of a run ----
+    A run                  provenance of each piece, last.pt and resume, train(), finish()
     Command line           the flags (made from Config), checks, main()
 
 Run: python ssesam_minimal.py (the seed command's settings: CIFAR-100-LT IF 100, ResNet-32, 200
 epochs), or in seconds on a CPU, with the switch after epoch 2 of 4 and no download:
     python ssesam_minimal.py --dataset synthetic --arch resnet8 --epochs 4 --gamma 0.5
-The accuracy table is not reproduced with this file yet, and its GPU timings were made with an
-early version (results/README.md). README.md lists where this file differs from the official code.
+results/README.md has the table this file made (ResNet-32, CIFAR-100-LT, 200 epochs, bf16 on a
+CPU), and README.md lists where this file differs from the official code.
 """
 
 import argparse
@@ -892,6 +893,17 @@ def run_epoch(cfg: Config, epoch, model, criterion, opt, step, data, rng, progre
             "train_acc": train_acc}
 
 
+# #############################################################################################
+# ---- A first reading may stop here. -----------------------------------------------------------
+# Everything above is the method and one epoch of its training. Below is the machinery that turns
+# epochs into a run of the command line: the progress line, where each piece of a run was made,
+# the checkpoint last.pt and resume, signals, logs and the summary, and the command line itself.
+# #############################################################################################
+
+# =============================================================================================
+# A run: progress, provenance, last.pt, train() and finish()
+# =============================================================================================
+
 def progress_line(epoch, epochs):
     """(k, n) -> None: rewrites one terminal line, step k/n, s/step and the time left in the epoch.
     Host clock only: once a GPU's queue of launched kernels is full, the host keeps its pace."""
@@ -945,6 +957,19 @@ def piece_info(cfg: Config, device) -> dict:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "precision": precision(cfg, device), "cpu": cpu_info(), "threads": torch.get_num_threads(),
             "commit": git_commit(), "torch": str(torch.__version__)}
+
+
+def _new_piece(cfg: Config, device, pieces, done) -> dict:
+    """This piece's record (piece_info, its first and last epoch), after one line on stderr where it
+    will not continue the last piece bit for bit, or where bf16 may run slower than fp32."""
+    piece = {**piece_info(cfg, device), "epochs": [done + 1, done]}
+    if pieces and (warning := _not_bit_for_bit(pieces[-1], piece)):
+        print(warning, file=sys.stderr)
+    cpu = piece["cpu"]
+    if device.type == "cpu" and piece["precision"] == "bf16" and not (cpu["amx"] or cpu["avx512_bf16"]):
+        print(f"warning: {cpu['name']} has neither AMX nor AVX512-BF16: bf16 may run slower than fp32",
+              file=sys.stderr)
+    return piece
 
 
 def _not_bit_for_bit(last, now):
@@ -1008,14 +1033,14 @@ def _atomic_write(path, data):
             os.remove(tmp)
 
 
-def _checkpoint(cfg, epoch, net, opt, criterion, rng, history, best, seconds, pieces):
+def _checkpoint(cfg, epoch, net, opt, criterion, rng, history, seconds, pieces):
     """last.pt's content after `epoch` finished epochs."""
     return {"format": CKPT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": epoch,
             "model": net.state_dict(),            # weights and BN running statistics
             "optimizer": opt.state_dict(),        # SGD momentum (and SSE-SAM's epoch counter)
             "criterion": criterion.state_dict(),  # DRW class weights
             "rng": rng.get_state(),               # the run's data order, crops and flips to come
-            "history": history, "best": best, "seconds": seconds,
+            "history": history, "best": best_of(history, cfg.epochs), "seconds": seconds,
             "pieces": pieces}                     # where each piece ran: piece_info() and its epochs
 
 
@@ -1085,14 +1110,7 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
     history, done, seconds, pieces = [], 0, 0.0, []
     if resume is not None:
         history, done, seconds, pieces = _restore(resume, net, opt, criterion, rng, ckpt_path)
-    best = best_of(history, cfg.epochs)
-    piece = {**piece_info(cfg, device), "epochs": [done + 1, done]}  # its first and last epoch
-    if pieces and (warning := _not_bit_for_bit(pieces[-1], piece)):
-        print(warning, file=sys.stderr)
-    cpu = piece["cpu"]
-    if device.type == "cpu" and piece["precision"] == "bf16" and not (cpu["amx"] or cpu["avx512_bf16"]):
-        print(f"warning: {cpu['name']} has neither AMX nor AVX512-BF16: bf16 may run slower than fp32",
-              file=sys.stderr)
+    piece = _new_piece(cfg, device, pieces, done)
     pieces = pieces + [piece]
     step = STEPS[cfg.opt] if wrap_step is None else wrap_step(STEPS[cfg.opt], model, opt)
     is_tail = torch.tensor([n < cfg.eta for n in counts], device=device)  # tail iff n_c < η
@@ -1114,12 +1132,11 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
                 row.update(evaluate(model, x_test, y_test, counts, n_max, cfg.test_batch_size))
             row["seconds"] = time.time() - t0
             history.append(row)
-            best = best_of(history, cfg.epochs)
             piece["epochs"][1] = epoch + 1
             if ckpt_path is not None and ((epoch + 1) % cfg.save_every == 0 or last):
                 with _signals_held():
-                    _atomic_write(ckpt_path, _checkpoint(cfg, epoch + 1, net, opt, criterion, rng,
-                                                         history, best, time.time() - t_start, pieces))
+                    _atomic_write(ckpt_path, _checkpoint(cfg, epoch + 1, net, opt, criterion, rng, history,
+                                                         time.time() - t_start, pieces))
                     saved = epoch + 1
             if bar is not None:
                 sys.stdout.write("\r\033[K")  # clear the progress line
@@ -1127,12 +1144,17 @@ def train(cfg: Config, data, device, log=print, ckpt_path=None, resume=None, pro
     except (Interrupted, Diverged) as e:  # an unfinished epoch is dropped, never saved
         e.args = (f"{e}{_stop_note(e, cfg, ckpt_path, saved, epoch)}",)
         raise
+    return net, _summary(cfg, history, pieces, n_params, time.time() - t_start)
+
+
+def _summary(cfg: Config, history, pieces, n_params, seconds) -> dict:
+    """What summary.json holds (and, until finish() takes it out, the history of every epoch)."""
     keys = ("epoch", "avg", "many", "med", "few", "avg_tta", "many_tta", "med_tta", "few_tta")
-    return net, {"config": dataclasses.asdict(cfg), "final": {k: history[-1][k] for k in keys},
-                 "best": {k: best[k] for k in keys}, "best_chosen_from": best_from(cfg.epochs),
-                 **{k: v for k, v in piece.items() if k != "epochs"},
-                 "params": n_params, "seconds": time.time() - t_start, "pieces": pieces,
-                 "history": history}
+    best = best_of(history, cfg.epochs)
+    return {"config": dataclasses.asdict(cfg), "final": {k: history[-1][k] for k in keys},
+            "best": {k: best[k] for k in keys}, "best_chosen_from": best_from(cfg.epochs),
+            **{k: v for k, v in pieces[-1].items() if k != "epochs"},
+            "params": n_params, "seconds": seconds, "pieces": pieces, "history": history}
 
 
 def finish(cfg: Config, net, summary, log=print) -> dict:
@@ -1154,93 +1176,6 @@ def finish(cfg: Config, net, summary, log=print) -> dict:
             _atomic_write(os.path.join(cfg.out, "model.pt"), net.state_dict())
             _atomic_write(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
     return summary
-
-
-# =============================================================================================
-# Saddle analysis: extreme Hessian eigenvalues of the head-class and the tail-class loss
-# =============================================================================================
-#
-# The paper's claim is about saddle points: SAM escapes those of the overall loss but not those of
-# the tail-class loss. At a saddle the Hessian H = ∇²L(w) has eigenvalues of both signs, so the
-# indicator (Rangwani et al., NeurIPS 2022) is λ_min / λ_max of a group's loss at the trained w:
-# about 0 near a minimum, clearly negative near a saddle. H (P x P) is never formed: Lanczos needs
-# only products with it, by double backprop, H v = ∇_w <∇_w L(w), v>. The model is in eval mode
-# and the images are not augmented, so that every product applies the same H.
-
-@torch.enable_grad()
-def hvp(model, criterion, x, y, v, batch_size=250):
-    """H v, H the Hessian of L(w) = (1 / N) Σ_i ℓ_i(w) over uint8 images x (N, 3, H, W), in the
-    trainable parameters; v flat (P,). L is a sum of one term per batch, and so is H v."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    vs = [vi.view_as(p) for vi, p in zip(v.split([p.numel() for p in params]), params)]
-    Hv = torch.zeros_like(v)
-    for i in range(0, len(y), batch_size):  # one batch's graph in memory at a time
-        xb = normalize(x[i:i + batch_size].to(v.device)).to(v.dtype)  # no augmentation
-        L_b = criterion(model(xb), y[i:i + batch_size].to(v.device)).sum() / len(y)
-        g = torch.autograd.grad(L_b, params, create_graph=True)     # g = ∇L_b, differentiable
-        g_dot_v = sum((gi * vi).sum() for gi, vi in zip(g, vs))     # H_b v = ∇_w (g · v)
-        Hv_b = torch.autograd.grad(g_dot_v, params, allow_unused=True, materialize_grads=True)
-        Hv += torch.cat([h.reshape(-1) for h in Hv_b])
-    return Hv
-
-
-def lanczos(H, v0, k=30):
-    """Ritz values (ascending) of k Lanczos steps on a symmetric operator H (a function v -> H v)
-    from v0, with full re-orthogonalisation. The extreme ones approach λ_min and λ_max from inside,
-    faster than power iteration would with as many products."""
-    n = min(k, v0.numel())
-    Q = torch.zeros(n, v0.numel(), dtype=v0.dtype, device=v0.device)  # rows: orthonormal q_1..q_n
-    Q[0] = v0 / v0.norm()
-    alpha, beta = [], []
-    for j in range(n):
-        w = H(Q[j])
-        alpha.append(torch.dot(Q[j], w).item())  # α_j = q_jᵀ H q_j
-        if j == n - 1:
-            break
-        # r = (I - Q Qᵀ) H q_j, twice: one pass leaves the q_i slightly non-orthogonal in floating
-        # point, and the Ritz values would then repeat (ghost eigenvalues)
-        r = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
-        r = r - Q[:j + 1].T @ (Q[:j + 1] @ r)
-        b = r.norm().item()
-        if b <= 1e-6 * w.norm().item():  # span{q_1..q_j} is invariant under H: Ritz values exact
-            break
-        beta.append(b)  # β_j = ‖r‖, q_{j+1} = r / β_j
-        Q[j + 1] = r / b
-    # T = Qᵀ H Q is tridiagonal, α on the diagonal and β beside it; eig(T) = the Ritz values
-    a, b = torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
-    return torch.linalg.eigvalsh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
-
-
-def hessian_extremes(model, criterion, x, y, k=30, seed=0, batch_size=250):
-    """λ_min and λ_max (the extreme Ritz values of k Lanczos steps) and λ_min / λ_max for the
-    Hessian of L(w) = (1 / N) Σ_i ℓ_i(w) over (x, y), in eval mode; the mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        p = next(model.parameters())
-        P = sum(q.numel() for q in model.parameters() if q.requires_grad)
-        v0 = torch.randn(P, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
-        ritz = lanczos(lambda v: hvp(model, criterion, x, y, v, batch_size), v0, k)
-    finally:
-        model.train(was_training)
-    lam_min, lam_max = ritz[0].item(), ritz[-1].item()
-    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio": lam_min / lam_max}
-
-
-def saddle_analysis(model, criterion, x, y, counts, eta, max_images=None, seed=0, **kw):
-    """{"head": ..., "tail": ...}: hessian_extremes (kw: k, batch_size) of L_head and L_tail, the
-    mean loss over the training images of the classes with n_c ≥ η (head) or n_c < η (tail), or
-    over a fixed random subset of max_images of them. None for an empty group."""
-    is_tail = torch.tensor([n < eta for n in counts])[y.cpu()]
-    out = {}
-    for name, mask in (("head", ~is_tail), ("tail", is_tail)):
-        idx = torch.nonzero(mask).flatten()
-        if max_images is not None:  # the subset's Hessian is an unbiased estimate of the group's
-            pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
-            idx = idx[pick[:max_images]]
-        out[name] = (hessian_extremes(model, criterion, x[idx], y[idx], seed=seed, **kw)
-                     if len(idx) else None)
-    return out
 
 
 # =============================================================================================

@@ -1,5 +1,5 @@
 """saddle.py -- the saddle picture of trained models: λ_min, λ_max and λ_min / λ_max of the Hessians
-of L_head and L_tail at each run's final weights (ssesam_minimal.saddle_analysis).
+of L_head and L_tail at each run's final weights (saddle_analysis below).
 
     python scripts/saddle.py results/resnet32                 # every finished run under it
     python scripts/saddle.py results/resnet32/sgd-seed0 --images 200 --steps 10   # one run, quicker
@@ -27,6 +27,93 @@ import ssesam_minimal as sm  # noqa: E402
 from curves import save_png  # noqa: E402
 
 PROG = "saddle.py"
+
+
+# =============================================================================================
+# Saddle analysis: extreme Hessian eigenvalues of the head-class and the tail-class loss
+# =============================================================================================
+#
+# The paper's claim is about saddle points: SAM escapes those of the overall loss but not those of
+# the tail-class loss. At a saddle the Hessian H = ∇²L(w) has eigenvalues of both signs, so the
+# indicator (Rangwani et al., NeurIPS 2022) is λ_min / λ_max of a group's loss at the trained w:
+# about 0 near a minimum, clearly negative near a saddle. H (P x P) is never formed: Lanczos needs
+# only products with it, by double backprop, H v = ∇_w <∇_w L(w), v>. The model is in eval mode
+# and the images are not augmented, so that every product applies the same H.
+
+@torch.enable_grad()
+def hvp(model, criterion, x, y, v, batch_size=250):
+    """H v, H the Hessian of L(w) = (1 / N) Σ_i ℓ_i(w) over uint8 images x (N, 3, H, W), in the
+    trainable parameters; v flat (P,). L is a sum of one term per batch, and so is H v."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    vs = [vi.view_as(p) for vi, p in zip(v.split([p.numel() for p in params]), params)]
+    Hv = torch.zeros_like(v)
+    for i in range(0, len(y), batch_size):  # one batch's graph in memory at a time
+        xb = sm.normalize(x[i:i + batch_size].to(v.device)).to(v.dtype)  # no augmentation
+        L_b = criterion(model(xb), y[i:i + batch_size].to(v.device)).sum() / len(y)
+        g = torch.autograd.grad(L_b, params, create_graph=True)     # g = ∇L_b, differentiable
+        g_dot_v = sum((gi * vi).sum() for gi, vi in zip(g, vs))     # H_b v = ∇_w (g · v)
+        Hv_b = torch.autograd.grad(g_dot_v, params, allow_unused=True, materialize_grads=True)
+        Hv += torch.cat([h.reshape(-1) for h in Hv_b])
+    return Hv
+
+
+def lanczos(H, v0, k=30):
+    """Ritz values (ascending) of k Lanczos steps on a symmetric operator H (a function v -> H v)
+    from v0, with full re-orthogonalisation. The extreme ones approach λ_min and λ_max from inside,
+    faster than power iteration would with as many products."""
+    n = min(k, v0.numel())
+    Q = torch.zeros(n, v0.numel(), dtype=v0.dtype, device=v0.device)  # rows: orthonormal q_1..q_n
+    Q[0] = v0 / v0.norm()
+    alpha, beta = [], []
+    for j in range(n):
+        w = H(Q[j])
+        alpha.append(torch.dot(Q[j], w).item())  # α_j = q_jᵀ H q_j
+        if j == n - 1:
+            break
+        # r = (I - Q Qᵀ) H q_j, twice: one pass leaves the q_i slightly non-orthogonal in floating
+        # point, and the Ritz values would then repeat (ghost eigenvalues)
+        r = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
+        r = r - Q[:j + 1].T @ (Q[:j + 1] @ r)
+        b = r.norm().item()
+        if b <= 1e-6 * w.norm().item():  # span{q_1..q_j} is invariant under H: Ritz values exact
+            break
+        beta.append(b)  # β_j = ‖r‖, q_{j+1} = r / β_j
+        Q[j + 1] = r / b
+    # T = Qᵀ H Q is tridiagonal, α on the diagonal and β beside it; eig(T) = the Ritz values
+    a, b = torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
+    return torch.linalg.eigvalsh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
+
+
+def hessian_extremes(model, criterion, x, y, k=30, seed=0, batch_size=250):
+    """λ_min and λ_max (the extreme Ritz values of k Lanczos steps) and λ_min / λ_max for the
+    Hessian of L(w) = (1 / N) Σ_i ℓ_i(w) over (x, y), in eval mode; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        P = sum(q.numel() for q in model.parameters() if q.requires_grad)
+        v0 = torch.randn(P, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
+        ritz = lanczos(lambda v: hvp(model, criterion, x, y, v, batch_size), v0, k)
+    finally:
+        model.train(was_training)
+    lam_min, lam_max = ritz[0].item(), ritz[-1].item()
+    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio": lam_min / lam_max}
+
+
+def saddle_analysis(model, criterion, x, y, counts, eta, max_images=None, seed=0, **kw):
+    """{"head": ..., "tail": ...}: hessian_extremes (kw: k, batch_size) of L_head and L_tail, the
+    mean loss over the training images of the classes with n_c ≥ η (head) or n_c < η (tail), or
+    over a fixed random subset of max_images of them. None for an empty group."""
+    is_tail = torch.tensor([n < eta for n in counts])[y.cpu()]
+    out = {}
+    for name, mask in (("head", ~is_tail), ("tail", is_tail)):
+        idx = torch.nonzero(mask).flatten()
+        if max_images is not None:  # the subset's Hessian is an unbiased estimate of the group's
+            pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
+            idx = idx[pick[:max_images]]
+        out[name] = (hessian_extremes(model, criterion, x[idx], y[idx], seed=seed, **kw)
+                     if len(idx) else None)
+    return out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,7 +175,7 @@ def analyse(cfg, state, data, images, steps, seed, name):
     model = build_net(cfg, state, len(counts), name).eval()
     criterion = sm.LongTailLoss(cfg.loss, counts, cfg.tau, cfg.vs_gamma, cfg.ldam_max_m, cfg.ldam_s)
     t0 = time.time()
-    result = sm.saddle_analysis(model, criterion, x, y, counts, cfg.eta, max_images=images, seed=seed, k=steps)
+    result = saddle_analysis(model, criterion, x, y, counts, cfg.eta, max_images=images, seed=seed, k=steps)
     return result, time.time() - t0
 
 

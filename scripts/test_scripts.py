@@ -8,6 +8,7 @@ they start together in threads before the first test and run while the in-proces
 """
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib
@@ -27,6 +28,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(SCRIPTS)
@@ -721,6 +723,133 @@ def saddle():
     return importlib.import_module("saddle")
 
 
+# =============================================================================================
+# saddle.py's analysis: Hessian eigenvalues against the exact ones of a tiny model
+# =============================================================================================
+
+C = 10
+COUNTS = [200, 154, 119, 92, 71, 55, 42, 33, 25, 20]  # synthetic IF 10; tail (n < 50) = classes 6..9
+ETA = 50
+TAIL_CLASSES = torch.tensor([c for c, n in enumerate(COUNTS) if n < ETA])
+
+
+def hessian_model(seed=0):
+    """166 float64 parameters: conv, BN in eval mode with non-trivial running statistics, ReLU,
+    global pool, fc. Small enough for the full Hessian; at these weights the Hessian is indefinite."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, C)).double()
+    with torch.no_grad():
+        bn = m[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return m.eval()
+
+
+def hessian_data(n=40, seed=1):
+    """n uint8 8 x 8 images and labels over all C classes."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8),
+            torch.randint(0, C, (n,), generator=g))
+
+
+def exact_hessian(model, x, y):
+    """The full P x P Hessian of the mean CE over all images, in eval mode, in the flat parameters."""
+    model.eval()
+    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()])
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    xn = sm.normalize(x).double()
+
+    def L(w):
+        params = {n: t.view(s) for n, t, s in zip(names, w.split([s.numel() for s in shapes]), shapes)}
+        return F.cross_entropy(torch.func.functional_call(model, params, (xn,)), y)
+
+    return torch.autograd.functional.hessian(L, w)
+
+
+def ce_criterion():
+    return sm.LongTailLoss("CE", COUNTS).double()
+
+
+def test_hvp_equals_the_exact_hessian_times_v_summed_over_batches(saddle):
+    model = hessian_model()
+    x, y = hessian_data()
+    H = exact_hessian(model, x, y)
+    for seed in (0, 1):
+        v = torch.randn(len(H), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        Hv = saddle.hvp(model, ce_criterion(), x, y, v, batch_size=16)  # 16 + 16 + 8 images
+        assert torch.allclose(Hv, H @ v, rtol=0, atol=1e-13)
+        with torch.no_grad():  # works where the caller switched autograd off
+            assert torch.allclose(saddle.hvp(model, ce_criterion(), x, y, v, batch_size=16), Hv, rtol=0, atol=1e-15)
+    assert all(p.grad is None for p in model.parameters())  # .grad is left alone
+
+
+def test_hessian_extremes_are_the_extreme_eigenvalues_of_the_exact_hessian(saddle):
+    model = hessian_model()
+    x, y = hessian_data()
+    ev = torch.linalg.eigvalsh(exact_hessian(model, x, y))
+    lo, hi = ev[0].item(), ev[-1].item()
+    assert len(ev) == 166 and lo < -0.1 and hi > 0.1  # indefinite, and larger than k: a real test
+    r = saddle.hessian_extremes(model, ce_criterion(), x, y, batch_size=16)  # k = 30 Lanczos steps
+    assert r["lambda_min"] == pytest.approx(lo, rel=1e-10)
+    assert r["lambda_max"] == pytest.approx(hi, rel=1e-10)
+    assert r["ratio"] == pytest.approx(lo / hi, rel=1e-10)
+
+
+def test_hessian_extremes_of_a_model_in_train_mode_use_eval_mode_and_leave_the_model_as_found(saddle):
+    model = hessian_model()
+    x, y = hessian_data()
+    in_eval = saddle.hessian_extremes(model, ce_criterion(), x, y, k=5)
+    model.train()  # BN would normalise by the batch: another Hessian
+    state = copy.deepcopy(model.state_dict())
+    assert saddle.hessian_extremes(model, ce_criterion(), x, y, k=5) == in_eval
+    assert model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # weights, BN statistics
+    assert all(p.grad is None for p in model.parameters())
+
+
+def rotated(eigenvalues, seed=0):
+    """A symmetric Q diag(eigenvalues) Qᵀ with a random orthogonal Q (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g, dtype=torch.float64))
+    return Q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+
+
+def test_lanczos_ritz_values_are_the_eigenvalues_after_n_steps_and_it_stops_on_an_invariant_space(saddle):
+    ev = torch.linspace(-2, 7, 12, dtype=torch.float64)
+    A = rotated(ev.tolist())
+    v0 = torch.randn(12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.allclose(saddle.lanczos(lambda v: A @ v, v0, k=12), ev, rtol=0, atol=1e-10)
+    assert len(saddle.lanczos(lambda v: A @ v, v0, k=5)) == 5
+    # repeated eigenvalues: the Krylov space has dimension 3 (one per distinct eigenvalue), so
+    # Lanczos stops after 3 steps with the exact distinct eigenvalues, not with noise
+    R = rotated([1.0, 1.0, 1.0, 2.0, 2.0, 5.0])
+    ritz = saddle.lanczos(lambda v: R @ v, v0[:6], k=6)
+    assert torch.allclose(ritz, torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_saddle_analysis_takes_head_and_tail_by_eta_and_subsets_without_repeats(saddle, monkeypatch):
+    model = hessian_model()
+    x, y = hessian_data(n=60)
+    tail = torch.isin(y, TAIL_CLASSES)  # COUNTS with η 50: classes 6..9
+    assert 0 < int(tail.sum()) < len(y)
+    r = saddle.saddle_analysis(model, ce_criterion(), x, y, COUNTS, ETA, k=5)
+    assert r["head"] == saddle.hessian_extremes(model, ce_criterion(), x[~tail], y[~tail], k=5)
+    assert r["tail"] == saddle.hessian_extremes(model, ce_criterion(), x[tail], y[tail], k=5)
+    seen = []
+    monkeypatch.setattr(saddle, "hessian_extremes", lambda model, criterion, x, y, **kw: seen.append((x, y)))
+    saddle.saddle_analysis(model, ce_criterion(), x, y, COUNTS, ETA, max_images=8)
+    (xh, yh), (xt, yt) = seen
+    assert len(yh) == 8 and len(yt) == min(8, int(tail.sum()))
+    assert not torch.isin(yh, TAIL_CLASSES).any() and torch.isin(yt, TAIL_CLASSES).all()
+    for xs, group in ((xh, x[~tail]), (xt, x[tail])):  # distinct images of the group, none twice
+        rows = {tuple(r.flatten().tolist()) for r in group}
+        picked = [tuple(r.flatten().tolist()) for r in xs]
+        assert len(set(picked)) == len(picked) and set(picked) <= rows
+
+
 def test_saddle_gives_saddle_analysis_of_each_model_pt_and_writes_json_and_png(tiny_runs, saddle, tmp_path):
     report = saddle.main([str(tiny_runs.done), "--images", "8", "--steps", "4", "--out", str(tmp_path)])
     # the same numbers the obvious way: the run's network and loss, its weights, the module's analysis
@@ -728,7 +857,7 @@ def test_saddle_gives_saddle_analysis_of_each_model_pt_and_writes_json_and_png(t
     x, y, _, _, counts, _ = sm.load_data("synthetic", imb_factor=10.0)
     model = sm.build_model("resnet8", 10)
     model.load_state_dict(torch.load(tiny_runs.done / "model.pt", weights_only=True))
-    expected = sm.saddle_analysis(model.eval(), sm.LongTailLoss("CE", counts), x, y, counts, cfg.eta,
+    expected = saddle.saddle_analysis(model.eval(), sm.LongTailLoss("CE", counts), x, y, counts, cfg.eta,
                                   max_images=8, seed=0, k=4)
     got = report["runs"]["ssesam-seed0"]
     assert {g: got[g] for g in ("head", "tail")} == expected
