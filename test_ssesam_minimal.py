@@ -4,7 +4,7 @@ Each test re-derives its result the obvious way (a per-parameter loop, a closed 
 hand, a published list, the seed README's own snippet) and compares; its name states the property.
 The design's two named checks come first: the perturbation ε = ρ·g/‖g‖ and the stage switch. Then
 long-tailed CIFAR, augmentation, networks, losses, the method (the block meant for copying),
-evaluation, training (with last.pt and resume), the saddle analysis, the command line, the README's
+evaluation, training (with last.pt and resume), the command line, the README's
 own-loop example and the notebook. scripts/ has its own tests.
 
 CPU only, no network, no real CIFAR: CIFAR files are written small, in the real pickle layout, into
@@ -1946,128 +1946,7 @@ def test_ctrl_c_in_a_real_process_exits_130_with_one_line_and_keeps_the_last_epo
 
 
 # =============================================================================================
-# 10. Saddle analysis: Hessian eigenvalues against the exact ones of a tiny model
-# =============================================================================================
-
-def hessian_model(seed=0):
-    """166 float64 parameters: conv, BN in eval mode with non-trivial running statistics, ReLU,
-    global pool, fc. Small enough for the full Hessian; at these weights the Hessian is indefinite."""
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, C)).double()
-    with torch.no_grad():
-        bn = m[1]
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-    return m.eval()
-
-
-def hessian_data(n=40, seed=1):
-    """n uint8 8 x 8 images and labels over all C classes."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8),
-            torch.randint(0, C, (n,), generator=g))
-
-
-def exact_hessian(model, x, y):
-    """The full P x P Hessian of the mean CE over all images, in eval mode, in the flat parameters."""
-    model.eval()
-    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()])
-    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    xn = sm.normalize(x).double()
-
-    def L(w):
-        params = {n: t.view(s) for n, t, s in zip(names, w.split([s.numel() for s in shapes]), shapes)}
-        return F.cross_entropy(torch.func.functional_call(model, params, (xn,)), y)
-
-    return torch.autograd.functional.hessian(L, w)
-
-
-def ce_criterion():
-    return sm.LongTailLoss("CE", COUNTS).double()
-
-
-def test_hvp_equals_the_exact_hessian_times_v_summed_over_batches():
-    model = hessian_model()
-    x, y = hessian_data()
-    H = exact_hessian(model, x, y)
-    for seed in (0, 1):
-        v = torch.randn(len(H), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        Hv = sm.hvp(model, ce_criterion(), x, y, v, batch_size=16)  # 16 + 16 + 8 images
-        assert torch.allclose(Hv, H @ v, rtol=0, atol=1e-13)
-        with torch.no_grad():  # works where the caller switched autograd off
-            assert torch.allclose(sm.hvp(model, ce_criterion(), x, y, v, batch_size=16), Hv, rtol=0, atol=1e-15)
-    assert all(p.grad is None for p in model.parameters())  # .grad is left alone
-
-
-def test_hessian_extremes_are_the_extreme_eigenvalues_of_the_exact_hessian():
-    model = hessian_model()
-    x, y = hessian_data()
-    ev = torch.linalg.eigvalsh(exact_hessian(model, x, y))
-    lo, hi = ev[0].item(), ev[-1].item()
-    assert len(ev) == 166 and lo < -0.1 and hi > 0.1  # indefinite, and larger than k: a real test
-    r = sm.hessian_extremes(model, ce_criterion(), x, y, batch_size=16)  # k = 30 Lanczos steps
-    assert r["lambda_min"] == pytest.approx(lo, rel=1e-10)
-    assert r["lambda_max"] == pytest.approx(hi, rel=1e-10)
-    assert r["ratio"] == pytest.approx(lo / hi, rel=1e-10)
-
-
-def test_hessian_extremes_of_a_model_in_train_mode_use_eval_mode_and_leave_the_model_as_found():
-    model = hessian_model()
-    x, y = hessian_data()
-    in_eval = sm.hessian_extremes(model, ce_criterion(), x, y, k=5)
-    model.train()  # BN would normalise by the batch: another Hessian
-    state = copy.deepcopy(model.state_dict())
-    assert sm.hessian_extremes(model, ce_criterion(), x, y, k=5) == in_eval
-    assert model.training
-    assert same(model.state_dict(), state)  # weights and BN statistics untouched
-    assert all(p.grad is None for p in model.parameters())
-
-
-def rotated(eigenvalues, seed=0):
-    """A symmetric Q diag(eigenvalues) Qᵀ with a random orthogonal Q (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g, dtype=torch.float64))
-    return Q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ Q.T
-
-
-def test_lanczos_ritz_values_are_the_eigenvalues_after_n_steps_and_it_stops_on_an_invariant_space():
-    ev = torch.linspace(-2, 7, 12, dtype=torch.float64)
-    A = rotated(ev.tolist())
-    v0 = torch.randn(12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    assert torch.allclose(sm.lanczos(lambda v: A @ v, v0, k=12), ev, rtol=0, atol=1e-10)
-    assert len(sm.lanczos(lambda v: A @ v, v0, k=5)) == 5
-    # repeated eigenvalues: the Krylov space has dimension 3 (one per distinct eigenvalue), so
-    # Lanczos stops after 3 steps with the exact distinct eigenvalues, not with noise
-    R = rotated([1.0, 1.0, 1.0, 2.0, 2.0, 5.0])
-    ritz = sm.lanczos(lambda v: R @ v, v0[:6], k=6)
-    assert torch.allclose(ritz, torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64), rtol=0, atol=1e-10)
-
-
-def test_saddle_analysis_takes_head_and_tail_by_eta_and_subsets_without_repeats(monkeypatch):
-    model = hessian_model()
-    x, y = hessian_data(n=60)
-    tail = torch.isin(y, TAIL_CLASSES)  # COUNTS with η 50: classes 6..9
-    assert 0 < int(tail.sum()) < len(y)
-    r = sm.saddle_analysis(model, ce_criterion(), x, y, COUNTS, ETA, k=5)
-    assert r["head"] == sm.hessian_extremes(model, ce_criterion(), x[~tail], y[~tail], k=5)
-    assert r["tail"] == sm.hessian_extremes(model, ce_criterion(), x[tail], y[tail], k=5)
-    seen = []
-    monkeypatch.setattr(sm, "hessian_extremes", lambda model, criterion, x, y, **kw: seen.append((x, y)))
-    sm.saddle_analysis(model, ce_criterion(), x, y, COUNTS, ETA, max_images=8)
-    (xh, yh), (xt, yt) = seen
-    assert len(yh) == 8 and len(yt) == min(8, int(tail.sum()))
-    assert not torch.isin(yh, TAIL_CLASSES).any() and torch.isin(yt, TAIL_CLASSES).all()
-    for xs, group in ((xh, x[~tail]), (xt, x[tail])):  # distinct images of the group, none twice
-        rows = {tuple(r.flatten().tolist()) for r in group}
-        picked = [tuple(r.flatten().tolist()) for r in xs]
-        assert len(set(picked)) == len(picked) and set(picked) <= rows
-
-
-# =============================================================================================
-# 11. Command line
+# 10. Command line
 # =============================================================================================
 
 def _base_type(t):
@@ -2219,7 +2098,7 @@ def test_the_readme_and_the_module_docstring_give_one_quick_command_whose_run_sw
 
 
 # =============================================================================================
-# 12. README: SSE-SAM in your own training loop
+# 11. README: SSE-SAM in your own training loop
 # =============================================================================================
 
 def test_the_readme_own_loop_example_runs_as_written_and_switches_after_gamma_t_epochs(readme_example_run):
@@ -2230,8 +2109,60 @@ def test_the_readme_own_loop_example_runs_as_written_and_switches_after_gamma_t_
     assert scope["opt"].k == 2 and scope["loss_i"].shape == scope["y"].shape  # one loss per sample
 
 
+# ---- What the README, results/README.md and the notebook quote of the committed runs
+
+RESULTS = os.path.join(REPO, "results", "resnet32")
+ROW_NAMES = {"sgd": "SGD", "sam": "SAM", "imbsam": "ImbSAM", "ssesam": "SSE-SAM"}
+
+
+def committed_runs():
+    """{(opt, precision): {seed: summary.json}} of the committed ResNet-32 runs."""
+    runs = {}
+    for name in sorted(os.listdir(RESULTS)):
+        path = os.path.join(RESULTS, name, "summary.json")
+        if os.path.isfile(path):
+            with open(path) as fh:
+                s = json.load(fh)
+            runs.setdefault((s["config"]["opt"], s["precision"]), {})[s["config"]["seed"]] = s
+    return runs
+
+
+def results_table_lines():
+    """The table lines that scripts/results_table.py prints for the committed runs, now."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "results_table.py"), RESULTS],
+                       capture_output=True, text=True, check=True)
+    return [line for line in r.stdout.splitlines() if line.startswith("|")]
+
+
+def mean_std(values):  # as the README quotes a row: the mean, ± the sample std from two seeds on
+    return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
+
+
+def test_the_readme_quotes_the_last_epoch_avg_of_the_committed_runs_and_of_the_fp32_control():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
+        section = fh.read().split("\n## Results\n")[1].split("\n## ")[0]
+    runs = committed_runs()
+    quoted = {}
+    for name, value in re.findall(r"(SSE-SAM|ImbSAM|SAM|SGD) (\d+\.\d(?: ± \d+\.\d)?)", section):
+        quoted.setdefault(name, value)  # the first number after each row's name
+    for opt, name in ROW_NAMES.items():
+        assert quoted[name] == mean_std([s["final"]["avg"] for s in runs[(opt, "bf16")].values()]), name
+    seeds = sorted(runs[("sgd", "bf16")])
+    assert ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds)) in section
+    control = mean_std([s["final"]["avg"] for s in runs[("sgd", "fp32")].values()])
+    assert f"in fp32 ends at {control}" in section.replace("\n", " ")
+
+
+def test_the_tables_of_results_readme_are_what_results_table_py_prints_for_the_committed_runs():
+    with open(os.path.join(REPO, "results", "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    lines = results_table_lines()
+    assert len(lines) >= 12
+    assert "\n".join(lines[:len(lines) // 2]) in text and "\n".join(lines[len(lines) // 2:]) in text
+
+
 # =============================================================================================
-# 13. Tutorial notebook
+# 12. Tutorial notebook
 # =============================================================================================
 
 NOTEBOOK = os.path.join(REPO, "tutorial.ipynb")
@@ -2259,6 +2190,41 @@ def test_notebook_is_valid_small_has_readable_stable_cell_ids_and_the_outputs_of
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6
     settings = "".join(o.get("text", "") for o in next(c for c in code if c.id == "s0-settings").outputs)
     assert settings.startswith("settings: noisy8x8, IF 100, resnet8, 10 epochs")  # the defaults, not quick mode
+
+
+def test_the_notebooks_saved_section_8_shows_the_committed_runs_as_they_are_now():
+    nbformat = pytest.importorskip("nbformat")
+    cells = {cell.id: cell for cell in nbformat.read(NOTEBOOK, as_version=4).cells}
+    text = lambda cell: "".join(o.get("text", "") for o in cell.outputs)  # noqa: E731
+    shown = text(cells["s8-results"])
+    assert all(line in shown for line in results_table_lines())
+    # the cell that says what the tables show, run again now, says what its saved output says
+    scope = {"glob": __import__("glob"), "os": os, "json": json, "torch": torch,
+             "folders": [os.path.relpath(RESULTS, REPO)], "ORDER": ("sgd", "sam", "imbsam", "ssesam")}
+    out = io.StringIO()
+    cwd = os.getcwd()
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out):
+            exec(cells["s8-what-they-show"].source, scope)
+    finally:
+        os.chdir(cwd)
+    assert out.getvalue() == text(cells["s8-what-they-show"]) and "noise floor" in out.getvalue()
+
+
+def test_the_notebooks_notes_quote_only_numbers_that_the_saved_outputs_of_their_section_show():
+    # a note on a run's outputs goes stale when the cells run again elsewhere (another CPU draws
+    # other batches' rounding): each decimal it quotes must be in its section's saved outputs
+    nbformat = pytest.importorskip("nbformat")
+    cells = nbformat.read(NOTEBOOK, as_version=4).cells
+    notes = [cell for cell in cells if cell.id.endswith("-note-md")]
+    assert {cell.id for cell in notes} >= {"s6-note-md", "s7-note-md"}
+    for note in notes:
+        section = note.id.split("-")[0] + "-"
+        shown = "".join(o.get("text", "") for cell in cells if cell.cell_type == "code"
+                        and cell.id.startswith(section) for o in cell.outputs)
+        missing = [q for q in re.findall(r"\d+\.\d+", note.source) if q not in re.findall(r"\d+\.\d+", shown)]
+        assert not missing, (note.id, missing)
 
 
 def test_notebook_runs_top_to_bottom_in_quick_mode(monkeypatch):
