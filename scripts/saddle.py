@@ -15,6 +15,7 @@ saddle.png into --out [the runs' folder]. Exit codes: 0, 2 bad input (one line, 
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -37,67 +38,102 @@ PROG = "saddle.py"
 # the tail-class loss. At a saddle the Hessian H = ∇²L(w) has eigenvalues of both signs, so the
 # indicator (Rangwani et al., NeurIPS 2022) is λ_min / λ_max of a group's loss at the trained w:
 # about 0 near a minimum, clearly negative near a saddle. H (P x P) is never formed: Lanczos needs
-# only products with it, by double backprop, H v = ∇_w <∇_w L(w), v>. The model is in eval mode
+# only products with it, H v = ∇_w <∇_w L(w), v>. The model is in eval mode
 # and the images are not augmented, so that every product applies the same H.
 
-@torch.enable_grad()
 def hvp(model, criterion, x, y, v, batch_size=250):
     """H v, H the Hessian of L(w) = (1 / N) Σ_i ℓ_i(w) over uint8 images x (N, 3, H, W), in the
-    trainable parameters; v flat (P,). L is a sum of one term per batch, and so is H v."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    vs = [vi.view_as(p) for vi, p in zip(v.split([p.numel() for p in params]), params)]
+    trainable parameters; v flat (P,). L is a sum of one term per batch, and so is H v. Forward over
+    reverse: the directional derivative of ∇L along v (torch.func.jvp of torch.func.grad), in
+    channels_last, measured 1.5x faster than double backward on a CPU at batch 250; the model's
+    buffers (BatchNorm's running statistics, in eval mode) are read, never written."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    w = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    fixed = {**{n: p.detach() for n, p in model.named_parameters() if not p.requires_grad},
+             **dict(model.named_buffers())}
+    # convolution weights in channels_last, the layout the CPU's kernels are fastest in
+    w = {n: p.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else p for n, p in w.items()}
+    v_w = dict(zip(names, (vi.view(w[n].shape) for vi, n in zip(v.split([w[n].numel() for n in names]), names))))
     Hv = torch.zeros_like(v)
     for i in range(0, len(y), batch_size):  # one batch's graph in memory at a time
         xb = sm.normalize(x[i:i + batch_size].to(v.device)).to(v.dtype)  # no augmentation
-        L_b = criterion(model(xb), y[i:i + batch_size].to(v.device)).sum() / len(y)
-        g = torch.autograd.grad(L_b, params, create_graph=True)     # g = ∇L_b, differentiable
-        g_dot_v = sum((gi * vi).sum() for gi, vi in zip(g, vs))     # H_b v = ∇_w (g · v)
-        Hv_b = torch.autograd.grad(g_dot_v, params, allow_unused=True, materialize_grads=True)
-        Hv += torch.cat([h.reshape(-1) for h in Hv_b])
+        xb, yb = xb.contiguous(memory_format=torch.channels_last), y[i:i + batch_size].to(v.device)
+
+        def L_b(params):  # this batch's part of L
+            return criterion(torch.func.functional_call(model, ({**params, **fixed},), (xb,)), yb).sum() / len(y)
+
+        _, Hv_b = torch.func.jvp(torch.func.grad(L_b), (w,), (v_w,))  # H_b v = d/dt ∇L_b(w + t v)
+        Hv += torch.cat([Hv_b[n].reshape(-1) for n in names])
     return Hv
 
 
-def lanczos(H, v0, k=30):
-    """Ritz values (ascending) of k Lanczos steps on a symmetric operator H (a function v -> H v)
-    from v0, with full re-orthogonalisation. The extreme ones approach λ_min and λ_max from inside,
-    faster than power iteration would with as many products."""
+def lanczos(H, v0, k=30, tol=None):
+    """k Lanczos steps on a symmetric operator H (a function v -> H v) from v0, with full
+    re-orthogonalisation; with tol, fewer once both extreme Ritz values have settled (residual bound
+    < tol·|θ|). Returns (θ, τ, r): the Ritz values (ascending), their weights (the squared first
+    components of T's eigenvectors, summing to 1: the spectral density seen from v0, the stochastic
+    Lanczos quadrature of Ubaru et al.) and each one's residual bound β_m·|s_mi|, the distance
+    within which an eigenvalue of H lies. The extreme θ approach λ_min and λ_max from inside."""
     n = min(k, v0.numel())
-    Q = torch.zeros(n, v0.numel(), dtype=v0.dtype, device=v0.device)  # rows: orthonormal q_1..q_n
+    Q = torch.zeros(n + 1, v0.numel(), dtype=v0.dtype, device=v0.device)  # rows: orthonormal q_1..q_n
     Q[0] = v0 / v0.norm()
     alpha, beta = [], []
     for j in range(n):
         w = H(Q[j])
         alpha.append(torch.dot(Q[j], w).item())  # α_j = q_jᵀ H q_j
-        if j == n - 1:
-            break
         # r = (I - Q Qᵀ) H q_j, twice: one pass leaves the q_i slightly non-orthogonal in floating
         # point, and the Ritz values would then repeat (ghost eigenvalues)
         r = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
         r = r - Q[:j + 1].T @ (Q[:j + 1] @ r)
-        b = r.norm().item()
-        if b <= 1e-6 * w.norm().item():  # span{q_1..q_j} is invariant under H: Ritz values exact
+        beta.append(r.norm().item())  # β_j = ‖r‖, q_{j+1} = r / β_j
+        if beta[-1] <= 1e-6 * w.norm().item():  # span{q_1..q_j} is invariant under H: θ exact
+            beta[-1] = 0.0
             break
-        beta.append(b)  # β_j = ‖r‖, q_{j+1} = r / β_j
-        Q[j + 1] = r / b
-    # T = Qᵀ H Q is tridiagonal, α on the diagonal and β beside it; eig(T) = the Ritz values
-    a, b = torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
-    return torch.linalg.eigvalsh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
+        Q[j + 1] = r / beta[-1]
+        if tol is not None and j >= 1:
+            theta, _, res = _ritz(alpha, beta)
+            if res[0] < tol * abs(theta[0]) and res[-1] < tol * abs(theta[-1]):
+                break
+    return _ritz(alpha, beta)
 
 
-def hessian_extremes(model, criterion, x, y, k=30, seed=0, batch_size=250):
-    """λ_min and λ_max (the extreme Ritz values of k Lanczos steps) and λ_min / λ_max for the
-    Hessian of L(w) = (1 / N) Σ_i ℓ_i(w) over (x, y), in eval mode; the mode is restored."""
+def _ritz(alpha, beta):
+    """θ, τ, r of the tridiagonal T (α on the diagonal, β_1..β_{m-1} beside it, β_m after it)."""
+    a, b = torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta[:len(alpha) - 1], dtype=torch.float64)
+    theta, S = torch.linalg.eigh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
+    return theta, S[0] ** 2, beta[len(alpha) - 1] * S[-1].abs()
+
+
+def hessian_extremes(model, criterion, x, y, k=30, seed=0, batch_size=250, tol=None):
+    """The Hessian of L(w) = (1 / N) Σ_i ℓ_i(w) over (x, y), in eval mode (the mode is restored),
+    seen by k Lanczos steps (fewer with tol, as in lanczos) from a seeded random start:
+    λ_min, λ_max (the extreme Ritz values), λ_min / λ_max, each extreme's residual bound, the
+    spectral density (the Ritz values as nodes and their weights), the steps taken, and whether
+    λ_min is a negative outlier: settled (residual bound < 5 % of |λ_min|) and standing apart from
+    the next Ritz value by more than half its size (θ_2 - θ_1 > |θ_1| / 2)."""
     was_training = model.training
     model.eval()
     try:
         p = next(model.parameters())
         P = sum(q.numel() for q in model.parameters() if q.requires_grad)
         v0 = torch.randn(P, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
-        ritz = lanczos(lambda v: hvp(model, criterion, x, y, v, batch_size), v0, k)
+        theta, tau, res = lanczos(lambda v: hvp(model, criterion, x, y, v, batch_size), v0, k, tol)
     finally:
         model.train(was_training)
-    lam_min, lam_max = ritz[0].item(), ritz[-1].item()
-    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio": lam_min / lam_max}
+    lam_min, lam_max = theta[0].item(), theta[-1].item()
+    settled = res[0].item() < 0.05 * abs(lam_min)
+    apart = len(theta) > 1 and theta[1].item() - lam_min > abs(lam_min) / 2
+    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio": lam_min / lam_max,
+            "residual_min": res[0].item(), "residual_max": res[-1].item(), "steps": len(theta),
+            "outlier": bool(lam_min < 0 and settled and apart),
+            "nodes": theta.tolist(), "weights": tau.tolist()}
+
+
+def density(nodes, weights, grid, sigma):
+    """The spectral density Σ_i τ_i N(t; θ_i, σ²) at each t of grid: the nodes broadened by a
+    Gaussian of width sigma (the drawing's choice: Lanczos gives a discrete measure)."""
+    t, th, tau = (torch.as_tensor(a, dtype=torch.float64) for a in (grid, nodes, weights))
+    return (tau * torch.exp(-0.5 * ((t[:, None] - th) / sigma) ** 2)).sum(1) / (sigma * math.sqrt(2 * math.pi))
 
 
 def saddle_analysis(model, criterion, x, y, counts, eta, max_images=None, seed=0, **kw):

@@ -817,17 +817,68 @@ def rotated(eigenvalues, seed=0):
     return Q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ Q.T
 
 
-def test_lanczos_ritz_values_are_the_eigenvalues_after_n_steps_and_it_stops_on_an_invariant_space(saddle):
+def test_lanczos_gives_ritz_values_weights_and_residual_bounds_and_stops_on_an_invariant_space(saddle):
     ev = torch.linspace(-2, 7, 12, dtype=torch.float64)
     A = rotated(ev.tolist())
     v0 = torch.randn(12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    assert torch.allclose(saddle.lanczos(lambda v: A @ v, v0, k=12), ev, rtol=0, atol=1e-10)
-    assert len(saddle.lanczos(lambda v: A @ v, v0, k=5)) == 5
+    theta, tau, res = saddle.lanczos(lambda v: A @ v, v0, k=12)
+    assert torch.allclose(theta, ev, rtol=0, atol=1e-10) and res.max() < 1e-8
+    # after all 12 steps the weights are v0's squared components along the eigenvectors
+    _, U = torch.linalg.eigh(A)
+    assert torch.allclose(tau, (U.T @ v0 / v0.norm()) ** 2, rtol=0, atol=1e-10)
+    # after 5: each Ritz value has an eigenvalue of A within its residual bound, and the weights sum to 1
+    theta, tau, res = saddle.lanczos(lambda v: A @ v, v0, k=5)
+    assert len(theta) == 5 and tau.sum().item() == pytest.approx(1, abs=1e-12)
+    assert all((ev - t).abs().min() <= r + 1e-12 for t, r in zip(theta, res))
     # repeated eigenvalues: the Krylov space has dimension 3 (one per distinct eigenvalue), so
     # Lanczos stops after 3 steps with the exact distinct eigenvalues, not with noise
     R = rotated([1.0, 1.0, 1.0, 2.0, 2.0, 5.0])
-    ritz = saddle.lanczos(lambda v: R @ v, v0[:6], k=6)
-    assert torch.allclose(ritz, torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64), rtol=0, atol=1e-10)
+    theta, _, res = saddle.lanczos(lambda v: R @ v, v0[:6], k=6)
+    assert torch.allclose(theta, torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64), rtol=0, atol=1e-10)
+    assert res.max() == 0
+
+
+class Quadratic(nn.Module):
+    """A model whose every per-sample loss is ½ wᵀ A w: the Hessian of the mean loss is A."""
+
+    def __init__(self, A):
+        super().__init__()
+        self.A = A
+        self.w = nn.Parameter(torch.ones(len(A), dtype=A.dtype))
+
+    def forward(self, x):  # (N, 1): the loss of each image, which the criterion passes on
+        return (0.5 * self.w @ self.A @ self.w).expand(len(x), 1)
+
+
+@pytest.mark.parametrize("planted", [True, False])
+def test_hessian_extremes_find_a_planted_negative_outlier_and_report_none_where_there_is_none(planted, saddle):
+    # 200 small eigenvalues in [0.01, 0.5] and two large ones, plus (planted) one at -3
+    small = torch.linspace(0.01, 0.5, 200, dtype=torch.float64).tolist()
+    ev = ([-3.0] if planted else []) + small + [10.0, 30.0]
+    A = rotated(ev, seed=4)
+    model = Quadratic(A)
+    x, y = torch.zeros(8, 3, 1, 1, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
+    r = saddle.hessian_extremes(model, lambda z, y: z[:, 0], x, y, k=80, tol=0.05, batch_size=3)
+    for e in ("min", "max"):  # stopped once both extremes settled, each within its bound of the truth
+        truth = {"min": ev[0], "max": ev[-1]}[e]
+        assert abs(r[f"lambda_{e}"] - truth) <= r[f"residual_{e}"] + 1e-12
+        assert r[f"residual_{e}"] < 0.05 * abs(truth)
+    assert r["steps"] < 80 and sum(r["weights"]) == pytest.approx(1, abs=1e-12)
+    if planted:  # found, settled and standing apart from the next Ritz value
+        assert r["outlier"] and r["nodes"][1] > -0.1
+        # all 80 steps: λ_min exact, and its weight in the density is v0's squared component along
+        # the planted eigenvector (v0 as hessian_extremes draws it)
+        full = saddle.hessian_extremes(model, lambda z, y: z[:, 0], x, y, k=80, batch_size=3)
+        v0 = torch.randn(len(A), generator=torch.Generator().manual_seed(0)).double()
+        q = torch.linalg.eigh(A)[1][:, 0]
+        assert full["lambda_min"] == pytest.approx(-3.0, rel=1e-10) and full["outlier"]
+        assert full["weights"][0] == pytest.approx(((q @ v0) / v0.norm()).item() ** 2, rel=1e-8)
+        grid = torch.linspace(-5, -1, 401, dtype=torch.float64)  # the density's mass around -3
+        mass = saddle.density(full["nodes"], full["weights"], grid, sigma=0.1).sum().item() * 0.01
+        assert mass == pytest.approx(full["weights"][0], rel=1e-3)
+    else:  # no negative eigenvalue: none reported, and the density has no node below 0
+        assert r["lambda_min"] > 0 and not r["outlier"] and r["ratio"] > 0
+        assert all(t > 0 for t in r["nodes"])
 
 
 def test_saddle_analysis_takes_head_and_tail_by_eta_and_subsets_without_repeats(saddle, monkeypatch):
@@ -865,6 +916,47 @@ def test_saddle_gives_saddle_analysis_of_each_model_pt_and_writes_json_and_png(t
     assert report["images_per_group"] == {"head": 8, "tail": 8}
     assert json.loads((tmp_path / "saddle.json").read_text()) == report
     assert (tmp_path / "saddle.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_spectrum_adds_each_run_to_spectrum_json_with_group_and_class_spectra_and_draws_them(
+        tiny_runs, saddle, tmp_path, capsys):
+    spectrum = importlib.import_module("spectrum")
+    flags = ["--images", "8", "--steps", "4", "--rare", "2", "--head_classes", "2", "--class_images", "5",
+             "--out", str(tmp_path)]
+    report = spectrum.main([str(tiny_runs.done)] + flags)
+    run = report["runs"]["ssesam-seed0"]
+    cfg = sm.Config(**tiny_runs.summary["config"])
+    x, y, _, _, counts, _ = sm.load_data("synthetic", imb_factor=10.0)
+    # the classes: the two rarest (all their images), two head classes (a 5-image subset), by hand
+    by_count = sorted(range(10), key=lambda c: (counts[c], -c))
+    heads = [c for c in range(10) if counts[c] >= cfg.eta]
+    assert set(run["result"]["classes"]) == {str(c) for c in by_count[:2] + [heads[0], heads[-1]]}
+    for c, s in run["result"]["classes"].items():
+        assert s["images"] == min(counts[int(c)], 5 if counts[int(c)] >= cfg.eta else counts[int(c)])
+        assert s["group"] == ("tail" if counts[int(c)] < cfg.eta else "head")
+    # one class and the groups again, the obvious way: the run's weights, saddle.py's analysis
+    model = sm.build_model("resnet8", 10)
+    model.load_state_dict(torch.load(tiny_runs.done / "model.pt", weights_only=True))
+    criterion = sm.LongTailLoss("CE", counts)
+    rarest = by_count[0]
+    mine = saddle.hessian_extremes(model.eval(), criterion, x[y == rarest], y[y == rarest], k=4, tol=0.05)
+    assert {k: run["result"]["classes"][str(rarest)][k] for k in mine} == mine
+    assert run["result"]["groups"] == saddle.saddle_analysis(model, criterion, x, y, counts, cfg.eta,
+                                                             max_images=8, k=4, tol=0.05)
+    assert run["settings"]["steps"] == 4 and run["commit"] and run["threads"] == torch.get_num_threads()
+    assert json.loads((tmp_path / "spectrum.json").read_text()) == report
+    assert (tmp_path / "spectrum.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "saddle.json").exists()
+    # again: kept, not redone; another run is added beside it
+    other = tmp_path / "runs" / "sgd-seed0"
+    shutil.copytree(tiny_runs.done, other)
+    capsys.readouterr()
+    again = spectrum.main([str(tiny_runs.done), str(other)] + flags)
+    assert "ssesam-seed0: already in" in capsys.readouterr().out
+    assert again["runs"]["ssesam-seed0"] == run and set(again["runs"]) == {"sgd-seed0", "ssesam-seed0"}
+    # a damaged spectrum.json: one line, exit 2, left as it is
+    (tmp_path / "spectrum.json").write_text("{not json")
+    expect_exit(spectrum.main, [str(other)] + flags, 2, capsys)
+    assert (tmp_path / "spectrum.json").read_text() == "{not json"
 
 
 # what saddle.py and evaluate.py (which loads runs with saddle.py's load_run) refuse, and the words
