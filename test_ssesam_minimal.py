@@ -1453,22 +1453,9 @@ def test_four_cpu_bf16_steps_stay_within_15_percent_of_the_fp32_update(name, one
     assert not torch.equal(moved[True], moved[False])  # bf16 did run: its rounding shows
 
 
-def test_one_name_per_thing_left_for_the_time_left_update_rho_per_epoch_and_imbsam_weight_on_imbsam():
-    # the epoch line says "left" for the time left; "eta" is η
-    row = {"epoch": 3, "lr": 0.1, "rho_head": 0.05, "rho_tail": 0.1, "loss": 1.0, "train_acc": 50.0,
-           "seconds": 2.0}
-    line = sm._epoch_line(sm.Config(epochs=10), row, seconds_left=90.0)
-    assert line.endswith("| 2.0s, 1.5m left") and "eta" not in line
-    # the per-epoch call is update_rho(), in the block's header, the README and the loop
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
-        readme = fh.read()
-    assert "opt.update_rho() after every epoch" in method_block() and "update_rho()" in readme
-    assert not hasattr(sm.SSESAM, "end_epoch") and "end_epoch" not in readme
-    assert "opt.update_rho()" in inspect.getsource(sm.train_one_epoch)
-    # the ImbSAM weighting is ImbSAM's constructor argument, in no step's signature
+def test_every_step_takes_the_same_six_arguments_and_imbsam_weight_reaches_imbsam_from_the_command_line():
     for fn in sm.STEPS.values():
         assert list(inspect.signature(fn).parameters) == ["model", "criterion", "opt", "x", "y", "tail"], fn
-    assert "imbsam_weight" not in inspect.signature(sm.train_one_epoch).parameters
     model = tiny_model()
     assert sm.ImbSAM(sgd(model), model).imbsam_weight == "group"  # the command line's default too
     with pytest.raises(ValueError, match="imbsam_weight must be group, batch or imbsam_repo, got 'mean'"):
