@@ -1,15 +1,22 @@
 """Print the results tables (markdown) for one network's runs: results_table.py results/<arch>.
 
-Reads <folder>/<opt>-seed<k>[suffix]/summary.json as ssesam_minimal.py writes it. A row is an
-optimizer in one precision, so a control run in another precision (sgd-seed0-fp32 beside the bf16
-sgd-seed0) is its own row, never a second seed. Two tables, mean ± std over seeds (sample std; a
-single seed shows no ±):
-  * last epoch, no test-time augmentation: the headline;
-  * best of the test evaluations by Avg (chosen on the test set), re-scored with flip TTA: what
-    the official code reports.
-Each beside the seed README's row, with the hours per run; where one optimizer has rows in two
-precisions, a row below gives their difference. The first line says where the runs were made.
-Exit codes: 0, 2 no finished run or a damaged summary.json (one line).
+Reads <folder>/<opt>-seed<k>[suffix]/summary.json as ssesam_minimal.py writes it. A row is one
+protocol: an optimizer with every setting that changes what is computed (all of the config but the
+seed and where or how often a run reports), in one precision, on a CPU or a GPU. So a control (the
+SGD row again in fp32, a run made on a GPU, a run with other settings) is its own row beside its
+optimizer's main row (the one with the most seeds), never a second seed of it. Printed:
+  * two tables, mean ± sample standard deviation (n − 1) over the row's seeds (one seed: no ±),
+    beside the seed README's row, with the hours per run: the last epoch, no test-time
+    augmentation (the headline); and the best of the test evaluations by Avg (chosen on the test
+    set), re-scored with flip TTA (what the official code reports). Under a control, its
+    difference to its main row, paired over the seeds both have;
+  * each seed's own last-epoch numbers;
+  * the paired differences of the main rows at the last epoch (to SGD, and between the SAM
+    variants), per seed and as mean ± std;
+  * what they show: the controls' largest Avg difference as the noise floor, and each paired
+    difference against it.
+The first line says where the runs were made. Exit codes: 0, 2 no finished run or a damaged
+summary.json (one line).
 """
 
 import glob
@@ -19,9 +26,16 @@ import statistics
 import sys
 
 ROWS = [("sgd", "CE (SGD)"), ("sam", "+SAM"), ("imbsam", "+ImbSAM"), ("ssesam", "+SSE-SAM")]
+NAMES = {"sgd": "SGD", "sam": "SAM", "imbsam": "ImbSAM", "ssesam": "SSE-SAM"}
 SEED_TABLE = {"sgd": (74.3, 43.1, 11.6, 44.6), "sam": (75.3, 45.6, 12.9, 46.2),   # Many Med Few Avg
               "imbsam": (72.3, 50.4, 16.6, 47.9), "ssesam": (71.7, 54.5, 17.1, 49.3)}
 KEYS = ("many", "med", "few", "avg")
+PAIRS = [("sam", "sgd"), ("imbsam", "sgd"), ("ssesam", "sgd"), ("ssesam", "sam"), ("ssesam", "imbsam"),
+         ("imbsam", "sam")]
+# settings that say where a run ran or how often it reported, not what it computed (the seed is
+# what tells two runs of one row apart)
+NOT_PROTOCOL = {"seed", "data_dir", "gpu", "device", "print_freq", "test_batch_size", "out", "save_every",
+                "resume"}
 
 
 def mean_std(values):
@@ -30,6 +44,13 @@ def mean_std(values):
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def signed(values):
+    """mean_std with a sign: a difference."""
+    if len(values) == 1:
+        return f"{values[0]:+.1f}"
+    return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f}"
 
 
 def precision_of(s):
@@ -49,39 +70,132 @@ def where(s):
     return f"{cpu['name']} (family {cpu['family']} model {cpu['model']}), {s['threads']} threads"
 
 
+def protocol(s):
+    """(opt, precision, cpu or cuda, the computing settings as a sorted tuple) of a summary."""
+    settings = tuple(sorted((k, json.dumps(v)) for k, v in s["config"].items() if k not in NOT_PROTOCOL | {"bf16"}))
+    return s["config"]["opt"], precision_of(s), "cuda" if s.get("device", "cpu").startswith("cuda") else "cpu", settings
+
+
 def load_runs(folder):
-    """{(opt, precision): [summary, ...]} of the finished runs under folder."""
-    runs = {}
+    """{protocol: {seed: summary}} of the finished runs under folder."""
+    runs, paths = {}, {}
     for path in sorted(glob.glob(os.path.join(folder, "*-seed*", "summary.json"))):
         try:
             with open(path) as fh:
                 s = json.load(fh)
-            key = (s["config"]["opt"], precision_of(s))
+            key, seed = protocol(s), s["config"]["seed"]
+            if not all(k + sfx in s[part] for part in ("final", "best") for k in KEYS for sfx in ("", "_tta")) \
+                    or not isinstance(s["seconds"], (int, float)) or s["params"] is None or s["torch"] is None:
+                raise KeyError("a number the tables read")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is not a summary.json of ssesam_minimal.py ({type(e).__name__})")
-        runs.setdefault(key, []).append(s)
+        if (key, seed) in paths:
+            raise ValueError(f"{paths[key, seed]} and {path} are two runs of one row with seed {seed}")
+        runs.setdefault(key, {})[seed], paths[key, seed] = s, path
     return runs
+
+
+def rows_of(runs):
+    """[(label, key, main key)] in the table's order: each optimizer's main row (the most seeds; then
+    bf16 before fp32, the CPU before the GPU), then its controls, labelled by what differs."""
+    out = []
+    for opt, name in ROWS:
+        keys = sorted((k for k in runs if k[0] == opt), key=lambda k: (-len(runs[k]), k[2], k[1], k[3]))
+        for key in keys:
+            main, mine, theirs = keys[0], dict(key[3]), dict(keys[0][3])
+            differ = [f"{k} {json.loads(mine[k]) if k in mine else '(unset)'}"
+                      for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+            differ += ["GPU" if key[2] == "cuda" else "CPU"] if key[2] != main[2] else []
+            out.append((name + (f" ({', '.join(differ)})" if differ else ""), key, main))
+    return out
+
+
+def paired(runs, a, b, part="final", suffix=""):
+    """{key: [a - b for each seed both rows have]} over KEYS; None where a value is missing."""
+    seeds = sorted(set(runs[a]) & set(runs[b]))
+    out = {}
+    for k in KEYS:
+        va = [runs[a][s][part][k + suffix] for s in seeds]
+        vb = [runs[b][s][part][k + suffix] for s in seeds]
+        out[k] = None if None in va + vb else [x - y for x, y in zip(va, vb)]
+    return seeds, out
 
 
 def table(runs, part, suffix):
     """One table's markdown lines: part "final" or "best", suffix "" or "_tta"."""
     lines = ["| row | precision | seeds | Many | Med | Few | Avg | seed README Avg | hours per run |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for opt, name in ROWS:
-        keys = sorted(k for k in runs if k[0] == opt)
-        for key in keys:
-            rs = runs[key]
-            cells = [mean_std([r[part][k + suffix] for r in rs]) for k in KEYS]
-            hours = mean_std([r["seconds"] / 3600 for r in rs])
-            lines.append(f"| {name} | {key[1]} | {len(rs)} | {' | '.join(cells)} | {SEED_TABLE[opt][3]} | "
-                         f"{hours} |")
-        if len(keys) == 2:  # the same optimizer in two precisions: the second minus the first
-            (a, b), diffs = keys, []
-            for k in KEYS:
-                va, vb = ([r[part][k + suffix] for r in runs[key]] for key in keys)
-                diffs.append("--" if None in va + vb else f"{statistics.mean(vb) - statistics.mean(va):+.1f}")
-            lines.append(f"| {name}: {b[1]} − {a[1]} | | | {' | '.join(diffs)} | | |")
+    for label, key, main in rows_of(runs):
+        rs = list(runs[key].values())
+        cells = [mean_std([r[part][k + suffix] for r in rs]) for k in KEYS]
+        hours = mean_std([r["seconds"] / 3600 for r in rs])
+        lines.append(f"| {label} | {key[1]} | {len(rs)} | {' | '.join(cells)} | {SEED_TABLE[key[0]][3]} | "
+                     f"{hours} |")
+        if key != main:  # a control: its difference to the main row, seed by seed
+            seeds, d = paired(runs, key, main, part, suffix)
+            diffs = ["--" if d[k] is None or not seeds else f"{statistics.mean(d[k]):+.1f}" for k in KEYS]
+            lines.append(f"| {label}: {key[1]} − {main[1]} | | | {' | '.join(diffs)} | | |")
     return lines
+
+
+def main_rows(runs):
+    return {key[0]: key for _, key, main in rows_of(runs) if key == main}
+
+
+def seeds_table(runs):
+    lines = ["| row | precision | seed | Many | Med | Few | Avg |", "|---|---|---|---|---|---|---|"]
+    for label, key, _ in rows_of(runs):
+        for seed, s in sorted(runs[key].items()):
+            lines.append(f"| {label} | {key[1]} | {seed} | " + " | ".join(
+                "--" if s["final"][k] is None else f"{s['final'][k]:.1f}" for k in KEYS) + " |")
+    return lines
+
+
+def differences_table(runs):
+    """The main rows' paired differences at the last epoch, mean ± std and Avg per seed."""
+    main = main_rows(runs)
+    lines = ["| difference | seeds | Many | Med | Few | Avg | Avg per seed |", "|---|---|---|---|---|---|---|"]
+    for a, b in PAIRS:
+        if a in main and b in main:
+            seeds, d = paired(runs, main[a], main[b])
+            if seeds:
+                cells = ["--" if d[k] is None else signed(d[k]) for k in KEYS]
+                per_seed = ", ".join(f"{x:+.1f}" for x in d["avg"])
+                lines.append(f"| {NAMES[a]} − {NAMES[b]} | {len(seeds)} | {' | '.join(cells)} | {per_seed} |")
+    return lines
+
+
+def reading(runs):
+    """What the last-epoch numbers can say, in sentences made from them."""
+    main, out = main_rows(runs), []
+    floors = [abs(x) for label, key, m in rows_of(runs) if key != m for x in paired(runs, key, m)[1]["avg"] or []]
+    if not floors:
+        return ["No control run: nothing here says how far one run moves, so no difference below is weighed."]
+    floor = max(floors)
+    out.append(f"Noise floor: the largest last-epoch Avg difference between a control and its main row, "
+               f"seed by seed, is {floor:.1f}; a difference between rows inside it is not evidence.")
+    for a, b in PAIRS:
+        if a in main and b in main:
+            seeds, d = paired(runs, main[a], main[b])
+            if not seeds:
+                continue
+            avg = d["avg"]
+            inside = sum(abs(x) <= floor for x in avg)
+            if inside == len(avg):
+                verdict = "inside the floor: not evidence"
+            elif len({x > 0 for x in avg}) > 1:
+                verdict = "its sign changes between seeds: not evidence"
+            elif inside:
+                verdict = f"inside the floor in {inside} of {len(avg)} seeds: not evidence"
+            else:
+                ratios = sorted(abs(x) / floor for x in avg)
+                verdict = (f"{ratios[0]:.1f} times the floor, one seed" if len(avg) == 1 else
+                           f"{ratios[0]:.1f} to {ratios[-1]:.1f} times the floor, the same sign in all {len(avg)} seeds")
+            out.append(f"{NAMES[a]} − {NAMES[b]}: {signed(avg)} Avg ({verdict}).")
+    n = min(len(runs[k]) for k in main.values())
+    if n < 2:
+        out.append("One seed per row: no spread between runs, so none of these differences is a ranking.")
+    return out
 
 
 def main(folder):
@@ -93,17 +207,22 @@ def main(folder):
     if not runs:
         print(f"results_table.py: no */summary.json under {folder}", file=sys.stderr)
         return 2
-    every = [r for rs in runs.values() for r in rs]
+    every = [r for rs in runs.values() for r in rs.values()]
     made = "; ".join(sorted({where(r) for r in every}))
     torches = ", ".join(sorted({r["torch"] for r in every}))
     print(f"{every[0]['config']['arch']}, {every[0]['params'] / 1e6:.2f} M parameters, "
           f"{every[0]['config']['epochs']} epochs; made on {made}; torch {torches}\n")
-    for title, part, suffix in (("Last epoch (headline)", "final", ""),
-                                ("Best test evaluation by Avg, re-scored with flip TTA "
-                                 "(chosen on the test set, as the official code reports)", "best", "_tta")):
+    for title, lines in (("Last epoch (headline)", table(runs, "final", "")),
+                         ("Best test evaluation by Avg, re-scored with flip TTA "
+                          "(chosen on the test set, as the official code reports)", table(runs, "best", "_tta")),
+                         ("Each seed, last epoch", seeds_table(runs)),
+                         ("Paired differences at the last epoch (the same seed: the same initial weights "
+                          "and data order)", differences_table(runs))):
         print(f"{title}\n")
-        print("\n".join(table(runs, part, suffix)))
+        print("\n".join(lines))
         print()
+    print("What they show\n")
+    print("\n".join(f"- {line}" for line in reading(runs)))
     return 0
 
 

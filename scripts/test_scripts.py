@@ -536,54 +536,98 @@ def test_reproduce_sh_rejects_bad_usage_with_exit_2_before_running_anything(args
     assert not (tmp_path / "results").exists()
 
 
-def write_summary(folder, opt, seed, avg, precision="bf16", suffix="", hours=1.0, many=70.0):
+def write_summary(folder, opt, seed, avg, precision="bf16", suffix="", hours=1.0, many=70.0, device="cpu",
+                  **settings):
     metrics = {"avg": avg, "many": many, "med": 50.0, "few": 17.0}
     metrics.update({k + "_tta": v + 1 for k, v in metrics.items()})
     cpu = {"name": "AMD EPYC", "vendor": "AuthenticAMD", "family": "25", "model": "17", "amx": False,
            "avx512_bf16": True}
+    config = {"opt": opt, "arch": "resnet32", "epochs": 200, "lr": 0.01, "seed": seed,
+              "out": str(folder / f"{opt}-seed{seed}{suffix}"), "print_freq": 10, **settings}
     (folder / f"{opt}-seed{seed}{suffix}").mkdir(parents=True)
     (folder / f"{opt}-seed{seed}{suffix}" / "summary.json").write_text(json.dumps(
-        {"config": {"opt": opt, "arch": "resnet32", "epochs": 200}, "params": 470000, "device": "cpu",
-         "device_name": "cpu", "precision": precision, "cpu": cpu, "threads": 2, "torch": "2.14.1",
+        {"config": config, "params": 470000, "device": device, "device_name": "NVIDIA H200" if device != "cpu"
+         else "cpu", "precision": precision, "cpu": cpu, "threads": 2, "torch": "2.14.1",
          "seconds": 3600.0 * hours, "final": metrics, "best": {k: v + 0.5 for k, v in metrics.items()}}))
 
 
-def test_results_table_gives_mean_and_sample_std_over_seeds_with_precision_hours_and_machine(tmp_path, capsys):
+def results_table_output(folder, capsys):
+    assert importlib.import_module("results_table").main(str(folder)) == 0
+    out = capsys.readouterr().out
+    return {title.split("\n")[0]: title for title in out.split("\n\n") if title}, out
+
+
+def test_results_table_gives_mean_and_sample_std_over_seeds_each_seed_and_the_paired_differences(tmp_path,
+                                                                                                capsys):
     for seed, avg in enumerate([48.0, 50.0, 49.0]):
         write_summary(tmp_path, "ssesam", seed, avg, hours=seed + 1, many=70.0 + seed)
-    write_summary(tmp_path, "sgd", 0, 44.0)
-    assert importlib.import_module("results_table").main(str(tmp_path)) == 0
-    out = capsys.readouterr().out
+    for seed, avg in enumerate([44.0, 47.0, 45.0]):
+        write_summary(tmp_path, "sgd", seed, avg)
+    write_summary(tmp_path, "sam", 0, 46.0)  # a row with fewer seeds: shown with its n
+    _, out = results_table_output(tmp_path, capsys)
     assert out.startswith("resnet32, 0.47 M parameters, 200 epochs; made on AMD EPYC (family 25 model 17), "
                           "2 threads; torch 2.14.1\n")
     headline, best = out.split("Best test evaluation")
+    best = best.split("Each seed")[0]
     # avg 48, 50, 49: mean 49.0, sample std 1.0; many 70, 71, 72; hours 1, 2, 3
     sse = "| +SSE-SAM | bf16 | 3 | {} ± 1.0 | {} ± 0.0 | {} ± 0.0 | {} ± 1.0 | 49.3 | 2.0 ± 1.0 |"
     assert sse.format(71.0, 50.0, 17.0, 49.0) in headline
-    assert "| CE (SGD) | bf16 | 1 | 70.0 | 50.0 | 17.0 | 44.0 | 44.6 | 1.0 |" in headline
+    assert "| CE (SGD) | bf16 | 3 | 70.0 ± 0.0 | 50.0 ± 0.0 | 17.0 ± 0.0 | 45.3 ± 1.5 | 44.6 | 1.0 ± 0.0 |" in headline
+    assert "| +SAM | bf16 | 1 | 70.0 | 50.0 | 17.0 | 46.0 | 46.2 | 1.0 |" in headline
     assert sse.format(72.5, 51.5, 18.5, 50.5) in best  # the best: each + 0.5, re-scored with TTA: + 1
-    assert "+SAM" not in headline and "−" not in out  # rows without runs are left out; no pair
+    assert "+ImbSAM" not in headline and "fp32" not in out  # rows without runs are left out; no control
+    assert "| +SSE-SAM | bf16 | 1 | 71.0 | 50.0 | 17.0 | 50.0 |" in out  # each seed's own numbers
+    # paired, seed by seed: SSE-SAM - SGD = 4, 3, 4 (mean 3.7, sample std 0.6); Many 0, 1, 2
+    assert "| SSE-SAM − SGD | 3 | +1.0 ± 1.0 | +0.0 ± 0.0 | +0.0 ± 0.0 | +3.7 ± 0.6 | +4.0, +3.0, +4.0 |" in out
+    assert "| SAM − SGD | 1 | +0.0 | +0.0 | +0.0 | +2.0 | +2.0 |" in out  # on the seed both have
+    assert "| SSE-SAM − SAM | 1 | +0.0 | +0.0 | +0.0 | +2.0 | +2.0 |" in out
+    assert "- No control run: nothing here says how far one run moves" in out
 
 
-def test_results_table_shows_a_control_in_another_precision_as_its_own_row_and_the_difference(tmp_path,
-                                                                                             capsys):
+def test_results_table_shows_each_control_as_its_own_row_with_its_difference_and_weighs_rows_against_it(
+        tmp_path, capsys):
     write_summary(tmp_path, "sgd", 0, 44.0)
+    write_summary(tmp_path, "sgd", 1, 45.0)
     write_summary(tmp_path, "sgd", 0, 45.5, precision="fp32", suffix="-fp32", hours=1.5, many=69.0)
-    assert importlib.import_module("results_table").main(str(tmp_path)) == 0
-    headline, best = capsys.readouterr().out.split("Best test evaluation")
+    write_summary(tmp_path, "sgd", 0, 43.0, suffix="-gpu", device="cuda:0")  # a GPU run: a control
+    write_summary(tmp_path, "sgd", 0, 44.5, suffix="-lr", lr=0.02)  # other settings: a control
+    write_summary(tmp_path, "ssesam", 0, 46.0)
+    write_summary(tmp_path, "ssesam", 1, 45.6)
+    _, out = results_table_output(tmp_path, capsys)
+    headline, best = out.split("Best test evaluation")
     rows = [line for line in headline.splitlines() if line.startswith("| CE (SGD)")]
-    assert rows == ["| CE (SGD) | bf16 | 1 | 70.0 | 50.0 | 17.0 | 44.0 | 44.6 | 1.0 |",
+    assert rows == ["| CE (SGD) | bf16 | 2 | 70.0 ± 0.0 | 50.0 ± 0.0 | 17.0 ± 0.0 | 44.5 ± 0.7 | 44.6 | 1.0 ± 0.0 |",
+                    "| CE (SGD) (lr 0.02) | bf16 | 1 | 70.0 | 50.0 | 17.0 | 44.5 | 44.6 | 1.0 |",
+                    "| CE (SGD) (lr 0.02): bf16 − bf16 | | | +0.0 | +0.0 | +0.0 | +0.5 | | |",
                     "| CE (SGD) | fp32 | 1 | 69.0 | 50.0 | 17.0 | 45.5 | 44.6 | 1.5 |",
-                    "| CE (SGD): fp32 − bf16 | | | -1.0 | +0.0 | +0.0 | +1.5 | | |"]
+                    "| CE (SGD): fp32 − bf16 | | | -1.0 | +0.0 | +0.0 | +1.5 | | |",  # seed 0's pair
+                    "| CE (SGD) (GPU) | bf16 | 1 | 70.0 | 50.0 | 17.0 | 43.0 | 44.6 | 1.0 |",
+                    "| CE (SGD) (GPU): bf16 − bf16 | | | +0.0 | +0.0 | +0.0 | -1.0 | | |"]
     assert "| CE (SGD): fp32 − bf16 | | | -1.0 | +0.0 | +0.0 | +1.5 | | |" in best
+    # the floor is the largest control difference (1.5); SSE-SAM - SGD: +2.0 and +0.6
+    assert "- Noise floor: the largest last-epoch Avg difference between a control and its main row, seed by " \
+           "seed, is 1.5;" in out
+    assert "- SSE-SAM − SGD: +1.3 ± 1.0 Avg (inside the floor in 1 of 2 seeds: not evidence)." in out
+    assert "One seed per row" not in out
 
 
-def test_results_table_with_a_damaged_summary_exits_2_with_one_line_naming_it(tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "no seed", "no final avg", "a second seed 0"])
+def test_results_table_with_a_damaged_summary_exits_2_with_one_line_naming_it(damage, tmp_path, capsys):
     write_summary(tmp_path, "sgd", 0, 44.0)
-    (tmp_path / "sgd-seed0" / "summary.json").write_text("{truncated")
+    path = tmp_path / "sgd-seed0" / "summary.json"
+    s = json.loads(path.read_text())
+    if damage == "truncated":
+        path.write_text("{truncated")
+    elif damage == "a second seed 0":
+        write_summary(tmp_path, "sgd", 0, 44.0, suffix="-again")
+        path = tmp_path / "sgd-seed0-again" / "summary.json"
+    else:
+        part, key = ("config", "seed") if damage == "no seed" else ("final", "avg")
+        del s[part][key]
+        path.write_text(json.dumps(s))
     assert importlib.import_module("results_table").main(str(tmp_path)) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and str(tmp_path / "sgd-seed0" / "summary.json") in err[0]
+    assert len(err) == 1 and str(path) in err[0] and err[0].startswith("results_table.py: error: ")
 
 
 def test_gpu_check_sh_is_valid_bash():
