@@ -1,5 +1,7 @@
 """curves.py -- the training curves of one or more runs: test Avg, Many, Med and Few, and the training
-loss, against the epoch, with SSE-SAM's switch marked.
+loss, against the epoch, with SSE-SAM's switch marked. The finished runs of one protocol (as
+results_table.py groups them: a control is its own row) are drawn as their mean over the seeds with
+a band from the lowest to the highest seed; a run in progress is drawn alone, dashed, as far as it is.
 
     python scripts/curves.py results/resnet32                  # every run under it -> its curves.png
     python scripts/curves.py results/resnet32/sgd-seed0 results/resnet32/sgd-seed0-fp32 --out sgd.png
@@ -19,8 +21,9 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
 import ssesam_minimal as sm  # noqa: E402
+from results_table import protocol  # noqa: E402
 
 PROG = "curves.py"
 TEST = ("avg", "many", "med", "few")
@@ -61,7 +64,8 @@ def read_run(folder):
     if has["summary.json"]:  # finished: metrics.jsonl is part of it
         try:
             with open(files["summary.json"]) as fh:
-                config = json.load(fh)["config"]
+                summary = json.load(fh)
+            config = summary["config"]
         except (ValueError, KeyError, TypeError) as e:
             raise sm.UsageError(f"{files['summary.json']} is damaged ({type(e).__name__})")
         if not has["metrics.jsonl"]:
@@ -74,22 +78,52 @@ def read_run(folder):
         rows = parse_log(files["train.log"])[1] if has["train.log"] else {}
         for e, r in evaluated.items():  # the exact test numbers over the log's rounded ones
             rows[e] = {**rows.get(e, {}), **r}
-        done = True
+        done, kind = True, protocol_of(summary)
     elif has["last.pt"]:
         try:
             ckpt = sm.load_checkpoint(files["last.pt"])
         except sm.UsageError as e:  # its advice to delete last.pt is for a resume, not for a picture
             raise sm.UsageError(str(e).split("; delete it")[0]) from None
         config, rows, done = ckpt["config"], {r["epoch"]: r for r in ckpt["history"]}, False
+        kind = protocol_of({"config": config, **ckpt["pieces"][-1]})
     elif has["train.log"]:
         config, rows = parse_log(files["train.log"])
         if rows:
             config["epochs"] = next(iter(rows.values()))["epochs"]
-        done = False
+        done, kind = False, None
     else:
         raise sm.UsageError(f"{folder} holds no run (no summary.json, last.pt or train.log)")
     config = {k: config.get(k) for k in ("dataset", "arch", "opt", "epochs")}
-    return {"name": name, "config": config, "rows": [rows[e] for e in sorted(rows)], "done": done}
+    return {"name": name, "config": config, "rows": [rows[e] for e in sorted(rows)], "done": done,
+            "protocol": kind}
+
+
+def protocol_of(summary):
+    """What a run computes (results_table.protocol), or None where the record lacks it."""
+    try:
+        return protocol(summary)
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def groups_of(runs):
+    """[(label, [runs])]: finished runs of one protocol together (their seeds), each run in progress
+    or without a full record alone; labelled by the first one's folder name without its seed."""
+    groups = {}
+    for run in runs:
+        key = (run["protocol"], run["config"]["opt"]) if run["done"] and run["protocol"] else run["name"]
+        groups.setdefault(key, []).append(run)
+    order = ("sgd", "sam", "imbsam", "ssesam")  # the table's rows first
+    out = []
+    for members in sorted(groups.values(), key=lambda ms: (order.index(ms[0]["config"]["opt"])
+                                                          if ms[0]["config"]["opt"] in order else 9, ms[0]["name"])):
+        base = re.sub(r"-seed\d+", "", members[0]["name"])
+        seeds = sorted(re.findall(r"-seed(\d+)", m["name"])[0] for m in members if "-seed" in m["name"])
+        label = (members[0]["name"] + f" (in progress, epoch {members[0]['rows'][-1]['epoch'] if members[0]['rows'] else 0})"
+                 if not members[0]["done"] else f"{base}, seed{'s' * (len(seeds) > 1)} {', '.join(seeds)}"
+                 if seeds else base)
+        out.append((label, members))
+    return out
 
 
 def find_runs(paths):
@@ -142,20 +176,27 @@ def draw(runs, out):
     panels = dict(zip(TEST + ("loss",), axes.flat))
     titles = {"avg": "test Avg (mean per-class accuracy, %)", "many": "test Many (%)", "med": "test Med (%)",
               "few": "test Few (%)", "loss": "training loss (at w)"}
-    for i, run in enumerate(runs):
-        label = run["name"] + ("" if run["done"] else " (in progress)")
-        colour = f"C{i % 10}"
+    notes = []
+    for i, (label, members) in enumerate(groups_of(runs)):
+        colour, style = f"C{i % 10}", "-" if members[0]["done"] else "--"
         for key, ax in panels.items():
-            pts = [(r["epoch"], r[key]) for r in run["rows"] if r.get(key) is not None]
-            if pts:
-                style = "-" if key == "loss" else ".-"
-                ax.plot(*zip(*pts), style, color=colour, label=label, lw=1.2, ms=4)
-        cut = switch_epoch(run["rows"]) if run["config"]["opt"] == "ssesam" else None
-        for ax in panels.values():
-            if cut is not None:
-                ax.axvline(cut + 0.5, color=colour, ls=":", lw=1)
+            # the epochs every member has a value at: the mean, and the lowest to the highest seed
+            per = [{r["epoch"]: r[key] for r in m["rows"] if r.get(key) is not None} for m in members]
+            epochs = sorted(set.intersection(*(set(p) for p in per)))
+            if not epochs:
+                continue
+            values = [[p[e] for p in per] for e in epochs]
+            mean = [sum(v) / len(v) for v in values]
+            ax.plot(epochs, mean, ls=style, marker=None if key == "loss" else ".", color=colour, lw=1.2, ms=4,
+                    label=label)
+            if len(members) > 1:
+                ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=colour,
+                                alpha=0.2, lw=0)
+        cut = switch_epoch(members[0]["rows"]) if members[0]["config"]["opt"] == "ssesam" else None
         if cut is not None:
-            run["switch"] = cut
+            for ax in panels.values():
+                ax.axvline(cut + 0.5, color=colour, ls=":", lw=1)
+            notes.append(f"{label}: rho_head = 0 after epoch {cut} (dotted)")
     epochs = max(r["config"]["epochs"] or r["rows"][-1]["epoch"] for r in runs if r["rows"])
     for key, ax in panels.items():
         ax.set_xlim(0, epochs + 1)  # every panel spans the whole run, finished or not
@@ -166,10 +207,10 @@ def draw(runs, out):
     legend.axis("off")
     handles, labels = panels["loss"].get_legend_handles_labels()
     legend.legend(handles, labels, loc="upper left", fontsize=9, frameon=False)
-    notes = [f"{r['name']}: rho_head = 0 after epoch {r['switch']} (dotted)" for r in runs if "switch" in r]
     cfg = runs[0]["config"]
-    legend.text(0, 0.05, "\n".join([f"{cfg['arch']}, {cfg['dataset']}"] + notes), fontsize=9,
-                transform=legend.transAxes, va="bottom")
+    legend.text(0, 0.05, "\n".join([f"{cfg['arch']}, {cfg['dataset']}; a line is the mean over a row's seeds, "
+                                    "the band spans its lowest and highest seed; dashed: in progress"] + notes),
+                fontsize=8, transform=legend.transAxes, va="bottom", wrap=True)
     save_png(fig, out)
 
 

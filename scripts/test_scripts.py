@@ -716,6 +716,29 @@ def test_curves_read_a_finished_run_a_run_in_progress_and_a_bare_log_as_the_run_
     os.remove(tiny_runs.log_only / "twice.log")
 
 
+def test_curves_draw_a_row_as_the_mean_of_its_seeds_and_a_control_or_a_run_in_progress_alone(
+        tiny_runs, curves, tmp_path):
+    root = tmp_path / "resnet8"
+    for name in ("ssesam-seed0", "ssesam-seed1", "ssesam-seed0-fp32"):
+        shutil.copytree(tiny_runs.done, root / name)
+    for name, seed, precision in (("ssesam-seed1", 1, "bf16"), ("ssesam-seed0-fp32", 0, "fp32")):
+        summary = json.loads((root / name / "summary.json").read_text())
+        summary["config"]["seed"], summary["precision"] = seed, precision
+        (root / name / "summary.json").write_text(json.dumps(summary))
+    summary = json.loads((root / "ssesam-seed0" / "summary.json").read_text())
+    summary["precision"] = "bf16"
+    (root / "ssesam-seed0" / "summary.json").write_text(json.dumps(summary))
+    shutil.copytree(tiny_runs.running, root / "ssesam-seed2")
+    runs = [curves.read_run(str(f)) for f in curves.find_runs([str(root)])]
+    groups = curves.groups_of(runs)
+    assert [(label, [m["name"] for m in members]) for label, members in groups] == [
+        ("ssesam, seeds 0, 1", ["ssesam-seed0", "ssesam-seed1"]),   # one protocol, two seeds
+        ("ssesam-fp32, seed 0", ["ssesam-seed0-fp32"]),              # a control: its own line
+        ("ssesam-seed2 (in progress, epoch 3)", ["ssesam-seed2"])]   # alone, as far as it is
+    out = curves.main([str(root), "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and out == str(tmp_path / "c.png")
+
+
 def test_curves_draws_one_run_or_several_into_a_png(tiny_runs, curves, tmp_path, capsys):
     one = tmp_path / "one.png"
     curves.main([str(tiny_runs.done), "--out", str(one)])
