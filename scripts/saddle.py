@@ -9,14 +9,20 @@ a saddle, SSE-SAM escapes on both groups). Each run's model.pt is loaded with th
 and loss of its summary.json and evaluated in fp32, in eval mode, on un-augmented training images:
 for each group, a fixed random subset of --images of its images (seeded by --seed, the same subset
 for every run), and --steps Lanczos steps from a seeded start. The training images are read from
---data_dir [./datasets]. Writes saddle.json (the numbers, the settings, the seconds per run) and
-saddle.png into --out [the runs' folder]. Exit codes: 0, 2 bad input (one line, nothing written).
+--data_dir [./datasets]. Writes saddle.json (the settings; per run the numbers, the seconds, the
+commit, CPU and threads) and saddle.png into --out [the runs' folder]. Runs are added to an existing
+saddle.json one at a time, each saved as it finishes, so a long analysis can be made in pieces; a
+run it holds is skipped (--redo: made again), and a file made with other settings is refused.
+saddle.png: per optimizer, the mean over its seeds with each seed's value. Exit codes: 0, 2 bad input
+(one line, nothing written).
 """
 
 import argparse
 import json
 import math
 import os
+import re
+import statistics
 import sys
 import time
 
@@ -216,23 +222,51 @@ def analyse(cfg, state, data, images, steps, seed, name):
 
 
 def draw(runs, path):
+    """Per optimizer (runs grouped by folder name without the seed: a control keeps its suffix), the
+    ratio λ_min / λ_max of head and tail: a bar at the mean over the seeds, ± the sample standard
+    deviation from two seeds on, each seed's own value a dot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(runs)
+    rows = {}
+    for name, r in runs.items():
+        rows.setdefault(re.sub(r"-seed\d+", "", name), []).append(r)
+    order = ("sgd", "sam", "imbsam", "ssesam")
+    names = sorted(rows, key=lambda n: (order.index(n.split("-")[0]) if n.split("-")[0] in order else 9, n))
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), constrained_layout=True)
     for ax, key, title in zip(axes, ("ratio", "lambda_min", "lambda_max"),
                               ("λ_min / λ_max (< 0: a saddle)", "λ_min", "λ_max")):
-        for j, group in enumerate(("head", "tail")):
-            values = [runs[n][group][key] if runs[n][group] else 0.0 for n in names]
-            ax.bar([i + (j - 0.5) * 0.38 for i in range(len(names))], values, 0.38, label=f"L_{group}")
+        for j, (group, colour) in enumerate((("head", "tab:blue"), ("tail", "tab:red"))):
+            for i, n in enumerate(names):
+                values = [r[group][key] for r in rows[n] if r.get(group)]
+                if not values:
+                    continue
+                x = i + (j - 0.5) * 0.38
+                ax.bar(x, statistics.mean(values), 0.38, color=colour, alpha=0.5,
+                       yerr=statistics.stdev(values) if len(values) > 1 else None, capsize=3,
+                       label=f"L_{group}" if i == 0 else None)
+                ax.plot([x] * len(values), values, "o", color=colour, ms=3)
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=9)
+        ax.set_xticks(range(len(names)), [f"{n} (n={len(rows[n])})" for n in names], rotation=20, fontsize=9)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=9)
+    fig.suptitle("bars: mean over seeds (± sample std from two seeds on); dots: each seed", fontsize=9)
     save_png(fig, path)
+
+
+def read_report(path):
+    """The saddle.json at path ({"runs": {}} if there is none), or one line on what is wrong."""
+    if not os.path.isfile(path):
+        return {"runs": {}}
+    try:
+        with open(path) as fh:
+            report = json.load(fh)
+        report["runs"].items()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise sm.UsageError(f"{path} is damaged ({type(e).__name__}); move it away to start afresh")
+    return report
 
 
 def main(argv=None):
@@ -243,6 +277,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets and of the Lanczos start")
     p.add_argument("--data_dir", default="./datasets", help="folder holding the CIFAR python files")
     p.add_argument("--out", help="folder for saddle.json and saddle.png (default: the runs' folder)")
+    p.add_argument("--redo", action="store_true", help="analyse runs that saddle.json already holds")
     try:
         args = p.parse_args(argv)
         if args.images < 1 or args.steps < 2:
@@ -257,28 +292,36 @@ def main(argv=None):
         out = args.out or os.path.dirname(os.path.normpath(folders[0]))
         if not os.path.isdir(out):
             raise sm.UsageError(f"--out {out} is not a folder")
+        path = os.path.join(out, "saddle.json")
+        report = read_report(path)
         cfg = next(iter(loaded.values()))[0]
-        data = sm.load_data(cfg.dataset, args.data_dir, cfg.imb_factor, cfg.subset_seed)
-        results, seconds = {}, {}
-        for name, (c, state, _) in loaded.items():
-            results[name], seconds[name] = analyse(c, state, data, args.images, args.steps, args.seed, name)
-            r = results[name]
+        counts = sm.data_counts(cfg.dataset, cfg.imb_factor)[0]
+        settings = {"arch": cfg.arch, "dataset": cfg.dataset, "imb_factor": cfg.imb_factor, "eta": cfg.eta,
+                    "images_per_group": {g: min(args.images, sum(n for n in counts if (n < cfg.eta) == (g == "tail")))
+                                         for g in ("head", "tail")},
+                    "lanczos_steps": args.steps, "seed": args.seed, "precision": "fp32"}
+        held = {k: report[k] for k in settings if k in report}
+        if report["runs"] and held != settings:  # the runs of one file are comparable
+            raise sm.UsageError(f"{path} holds runs made with other settings ({held}); use another --out")
+        todo = {n: v for n, v in loaded.items() if args.redo or n not in report["runs"]}
+        for name in sorted(set(loaded) - set(todo)):
+            print(f"{name}: already in {path}")
+        data = sm.load_data(cfg.dataset, args.data_dir, cfg.imb_factor, cfg.subset_seed) if todo else None
+        report.update(settings)
+        for name, (c, state, _) in todo.items():
+            r, seconds = analyse(c, state, data, args.images, args.steps, args.seed, name)
             print(f"{name}: " + "; ".join(
                 f"{g} λ_min {r[g]['lambda_min']:.4g} λ_max {r[g]['lambda_max']:.4g} ratio {r[g]['ratio']:.4f}"
-                if r[g] else f"{g}: no image" for g in ("head", "tail")) + f" ({seconds[name]:.0f} s)")
+                if r[g] else f"{g}: no image" for g in ("head", "tail")) + f" ({seconds:.0f} s)", flush=True)
+            report["runs"][name] = {**r, "seconds": seconds, "commit": sm.git_commit(), "cpu": sm.cpu_info(),
+                                    "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
+            report["runs"] = dict(sorted(report["runs"].items()))
+            sm._atomic_write(path, json.dumps(report, indent=2))  # each run kept as soon as it is done
     except (sm.UsageError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    counts = data[4]
-    report = {"arch": cfg.arch, "dataset": cfg.dataset, "imb_factor": cfg.imb_factor, "eta": cfg.eta,
-              "images_per_group": {g: min(args.images, sum(n for n in counts if (n < cfg.eta) == (g == "tail")))
-                                   for g in ("head", "tail")},
-              "lanczos_steps": args.steps, "seed": args.seed, "precision": "fp32",
-              "threads": torch.get_num_threads(), "cpu": sm.cpu_info(), "torch": str(torch.__version__),
-              "runs": {n: {**results[n], "seconds": seconds[n]} for n in results}}
-    draw(results, os.path.join(out, "saddle.png"))  # the picture first: saddle.json says it is all done
-    sm._atomic_write(os.path.join(out, "saddle.json"), json.dumps(report, indent=2))
-    print(f"wrote {os.path.join(out, 'saddle.json')} and saddle.png")
+    draw(report["runs"], os.path.join(out, "saddle.png"))
+    print(f"{path}: {len(report['runs'])} runs; drew saddle.png")
     return report
 
 

@@ -983,6 +983,25 @@ def test_saddle_gives_saddle_analysis_of_each_model_pt_and_writes_json_and_png(t
     assert report["images_per_group"] == {"head": 8, "tail": 8}
     assert json.loads((tmp_path / "saddle.json").read_text()) == report
     assert (tmp_path / "saddle.png").read_bytes()[:4] == b"\x89PNG"
+    assert got["commit"] and got["threads"] == torch.get_num_threads()
+
+
+def test_saddle_adds_runs_to_its_json_one_at_a_time_and_refuses_other_settings(tiny_runs, saddle, tmp_path,
+                                                                             capsys):
+    first = saddle.main([str(tiny_runs.done), "--images", "8", "--steps", "3", "--out", str(tmp_path)])
+    other = tmp_path / "runs" / "sgd-seed0"
+    shutil.copytree(tiny_runs.done, other)
+    capsys.readouterr()
+    both = saddle.main([str(tiny_runs.done), str(other), "--images", "8", "--steps", "3", "--out", str(tmp_path)])
+    assert "ssesam-seed0: already in" in capsys.readouterr().out
+    assert both["runs"]["ssesam-seed0"] == first["runs"]["ssesam-seed0"]  # kept, not made again
+    assert {g: both["runs"]["sgd-seed0"][g] for g in ("head", "tail")} == \
+           {g: first["runs"]["ssesam-seed0"][g] for g in ("head", "tail")}  # the same weights
+    saved = (tmp_path / "saddle.json").read_text()
+    err = expect_exit(saddle.main, [str(other), "--images", "8", "--steps", "4", "--out", str(tmp_path)], 2, capsys)
+    assert "holds runs made with other settings" in err and (tmp_path / "saddle.json").read_text() == saved
+    (tmp_path / "saddle.json").write_text("[1, 2")
+    assert "is damaged" in expect_exit(saddle.main, [str(other), "--out", str(tmp_path)], 2, capsys)
 
 
 def test_spectrum_adds_each_run_to_spectrum_json_with_group_and_class_spectra_and_draws_them(
