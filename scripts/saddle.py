@@ -257,14 +257,16 @@ def draw(runs, path):
 
 
 def read_report(path):
-    """The saddle.json at path ({"runs": {}} if there is none), or one line on what is wrong."""
+    """The report (saddle.json, spectrum.json) at path, {"runs": {}} if there is none, or one line on
+    what is wrong with it."""
     if not os.path.isfile(path):
         return {"runs": {}}
     try:
         with open(path) as fh:
             report = json.load(fh)
-        report["runs"].items()
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if not isinstance(report, dict) or not isinstance(report.get("runs"), dict):
+            raise TypeError("no runs")
+    except (ValueError, TypeError) as e:
         raise sm.UsageError(f"{path} is damaged ({type(e).__name__}); move it away to start afresh")
     return report
 

@@ -34,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 import ssesam_minimal as sm  # noqa: E402
 from curves import save_png  # noqa: E402
-from saddle import build_net, density, finished_runs, hessian_extremes, load_run, saddle_analysis  # noqa: E402
+from saddle import (build_net, density, finished_runs, hessian_extremes, load_run, read_report,  # noqa: E402
+                    saddle_analysis)
 
 PROG = "spectrum.py"
 ORDER = ("sgd", "sam", "imbsam", "ssesam")  # the table's rows, for the picture
@@ -174,14 +175,7 @@ def main(argv=None):
         if not os.path.isdir(out):
             raise sm.UsageError(f"--out {out} is not a folder")
         path = os.path.join(out, "spectrum.json")
-        report = {"runs": {}}
-        if os.path.isfile(path):
-            try:
-                with open(path) as fh:
-                    report = json.load(fh)
-                report["runs"].items()
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise sm.UsageError(f"{path} is damaged ({type(e).__name__}); move it away to start afresh")
+        report = read_report(path)
         settings, data = settings_of(args), {}
         for name, (cfg, state, _) in loaded.items():
             old = report["runs"].get(name)
