@@ -23,7 +23,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 import ssesam_minimal as sm  # noqa: E402
-from results_table import protocol  # noqa: E402
+from results_table import protocol, table_order  # noqa: E402
 
 PROG = "curves.py"
 TEST = ("avg", "many", "med", "few")
@@ -113,10 +113,8 @@ def groups_of(runs):
     for run in runs:
         key = (run["protocol"], run["config"]["opt"]) if run["done"] and run["protocol"] else run["name"]
         groups.setdefault(key, []).append(run)
-    order = ("sgd", "sam", "imbsam", "ssesam")  # the table's rows first
     out = []
-    for members in sorted(groups.values(), key=lambda ms: (order.index(ms[0]["config"]["opt"])
-                                                          if ms[0]["config"]["opt"] in order else 9, ms[0]["name"])):
+    for members in sorted(groups.values(), key=lambda ms: (table_order(ms[0]["config"]["opt"]), ms[0]["name"])):
         base = re.sub(r"-seed\d+", "", members[0]["name"])
         seeds = sorted(re.findall(r"-seed(\d+)", m["name"])[0] for m in members if "-seed" in m["name"])
         label = (members[0]["name"] + f" (in progress, epoch {members[0]['rows'][-1]['epoch'] if members[0]['rows'] else 0})"

@@ -26,6 +26,7 @@ import statistics
 import sys
 
 ROWS = [("sgd", "CE (SGD)"), ("sam", "+SAM"), ("imbsam", "+ImbSAM"), ("ssesam", "+SSE-SAM")]
+OPTS = tuple(opt for opt, _ in ROWS)
 NAMES = {"sgd": "SGD", "sam": "SAM", "imbsam": "ImbSAM", "ssesam": "SSE-SAM"}
 SEED_TABLE = {"sgd": (74.3, 43.1, 11.6, 44.6), "sam": (75.3, 45.6, 12.9, 46.2),   # Many Med Few Avg
               "imbsam": (72.3, 50.4, 16.6, 47.9), "ssesam": (71.7, 54.5, 17.1, 49.3)}
@@ -36,6 +37,11 @@ PAIRS = [("sam", "sgd"), ("imbsam", "sgd"), ("ssesam", "sgd"), ("ssesam", "sam")
 # what tells two runs of one row apart)
 NOT_PROTOCOL = {"seed", "data_dir", "gpu", "device", "print_freq", "test_batch_size", "out", "save_every",
                 "resume"}
+
+
+def table_order(opt):
+    """Where an optimizer's row stands in the table; any other optimizer after the four."""
+    return OPTS.index(opt) if opt in OPTS else len(OPTS)
 
 
 def mean_std(values):

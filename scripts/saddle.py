@@ -32,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repo root (ssesam_minimal.py), curves.py's
 import ssesam_minimal as sm  # noqa: E402
 from curves import save_png  # noqa: E402
+from results_table import table_order  # noqa: E402
 
 PROG = "saddle.py"
 
@@ -232,8 +233,7 @@ def draw(runs, path):
     rows = {}
     for name, r in runs.items():
         rows.setdefault(re.sub(r"-seed\d+", "", name), []).append(r)
-    order = ("sgd", "sam", "imbsam", "ssesam")
-    names = sorted(rows, key=lambda n: (order.index(n.split("-")[0]) if n.split("-")[0] in order else 9, n))
+    names = sorted(rows, key=lambda n: (table_order(n.split("-")[0]), n))
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), constrained_layout=True)
     for ax, key, title in zip(axes, ("ratio", "lambda_min", "lambda_max"),
                               ("λ_min / λ_max (< 0: a saddle)", "λ_min", "λ_max")):

@@ -34,11 +34,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 import ssesam_minimal as sm  # noqa: E402
 from curves import save_png  # noqa: E402
+from results_table import table_order  # noqa: E402
 from saddle import (build_net, density, finished_runs, hessian_extremes, load_run, read_report,  # noqa: E402
                     saddle_analysis)
 
 PROG = "spectrum.py"
-ORDER = ("sgd", "sam", "imbsam", "ssesam")  # the table's rows, for the picture
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,8 +104,7 @@ def draw(runs, sigma, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted(runs, key=lambda n: (ORDER.index(n.split("-seed")[0]) if n.split("-seed")[0] in ORDER
-                                        else len(ORDER), n))
+    names = sorted(runs, key=lambda n: (table_order(n.split("-seed")[0]), n))
     u = torch.linspace(-7, 7, 1401, dtype=torch.float64)  # asinh(λ): ±1100
     ticks = [-1000, -100, -10, -1, 0, 1, 10, 100, 1000]
     fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 6.5), squeeze=False,
