@@ -13,8 +13,9 @@ optimizer's main row (the one with the most seeds), never a second seed of it. P
   * each seed's own last-epoch numbers;
   * the paired differences of the main rows at the last epoch (to SGD, and between the SAM
     variants), per seed and as mean ± std;
-  * what they show: the controls' largest Avg difference as the noise floor, and each paired
-    difference against it.
+  * what they show: whether the paper's order of the Avg appears; the controls' largest Avg
+    difference as the noise floor; each paired difference weighed by the rule (every seed outside
+    the floor with one sign, the mean over twice its std) and the groups where its seeds agree.
 The first line says where the runs were made. Exit codes: 0, 2 no finished run or a damaged
 summary.json (one line).
 """
@@ -31,6 +32,7 @@ NAMES = {"sgd": "SGD", "sam": "SAM", "imbsam": "ImbSAM", "ssesam": "SSE-SAM"}
 SEED_TABLE = {"sgd": (74.3, 43.1, 11.6, 44.6), "sam": (75.3, 45.6, 12.9, 46.2),   # Many Med Few Avg
               "imbsam": (72.3, 50.4, 16.6, 47.9), "ssesam": (71.7, 54.5, 17.1, 49.3)}
 KEYS = ("many", "med", "few", "avg")
+PAPER_ORDER = ("ssesam", "imbsam", "sam", "sgd")  # the paper's Avg, best first
 PAIRS = [("sam", "sgd"), ("imbsam", "sgd"), ("ssesam", "sgd"), ("ssesam", "sam"), ("ssesam", "imbsam"),
          ("imbsam", "sam")]
 # settings that say where a run ran or how often it reported, not what it computed (the seed is
@@ -171,15 +173,33 @@ def differences_table(runs):
     return lines
 
 
+def evidence(values):
+    """The rule a difference must pass to count: every seed gives it the same sign and, over two or
+    more seeds, its mean is more than twice its sample std."""
+    return (len({x > 0 for x in values}) == 1 and 0 not in values
+            and (len(values) < 2 or abs(statistics.mean(values)) > 2 * statistics.stdev(values)))
+
+
 def reading(runs):
     """What the last-epoch numbers can say, in sentences made from them."""
     main, out = main_rows(runs), []
+    common = sorted(set.intersection(*(set(runs[main[o]]) for o in PAPER_ORDER))) \
+        if set(PAPER_ORDER) <= set(main) else []
+    if common:  # the means over the seeds every row has, so that each row averages the same draws
+        means = {o: statistics.mean(runs[main[o]][s]["final"]["avg"] for s in common) for o in PAPER_ORDER}
+        here = sorted(PAPER_ORDER, key=lambda o: -means[o])
+        out.append("The paper's order of the Avg, " + " > ".join(NAMES[o] for o in PAPER_ORDER)
+                   + (", appears" if here == list(PAPER_ORDER) else ", does not appear")
+                   + f" in the means over the seed{'s' * (len(common) > 1)} all four rows have "
+                   + f"({', '.join(map(str, common))}): " + ", ".join(f"{NAMES[o]} {means[o]:.1f}" for o in here) + ".")
     floors = [abs(x) for label, key, m in rows_of(runs) if key != m for x in paired(runs, key, m)[1]["avg"] or []]
     if not floors:
-        return ["No control run: nothing here says how far one run moves, so no difference below is weighed."]
+        return out + ["No control run: nothing here says how far one run moves, so no difference below is weighed."]
     floor = max(floors)
     out.append(f"Noise floor: the largest last-epoch Avg difference between a control and its main row, "
-               f"seed by seed, is {floor:.1f}; a difference between rows inside it is not evidence.")
+               f"seed by seed, is {floor:.1f}; a difference between rows inside it is not evidence. A "
+               f"difference is evidence when every seed puts it outside the floor with the same sign and "
+               f"its mean is more than twice its sample std.")
     for a, b in PAIRS:
         if a in main and b in main:
             seeds, d = paired(runs, main[a], main[b])
@@ -193,11 +213,18 @@ def reading(runs):
                 verdict = "its sign changes between seeds: not evidence"
             elif inside:
                 verdict = f"inside the floor in {inside} of {len(avg)} seeds: not evidence"
+            elif len(avg) == 1:
+                verdict = f"{abs(avg[0]) / floor:.1f} times the floor, one seed"
+            elif not evidence(avg):
+                verdict = f"the same sign in all {len(avg)} seeds, but the mean is within twice its std: not evidence"
             else:
                 ratios = sorted(abs(x) / floor for x in avg)
-                verdict = (f"{ratios[0]:.1f} times the floor, one seed" if len(avg) == 1 else
-                           f"{ratios[0]:.1f} to {ratios[-1]:.1f} times the floor, the same sign in all {len(avg)} seeds")
-            out.append(f"{NAMES[a]} − {NAMES[b]}: {signed(avg)} Avg ({verdict}).")
+                verdict = f"evidence: {ratios[0]:.1f} to {ratios[-1]:.1f} times the floor in all {len(avg)} seeds"
+            where_ = [f"{k.capitalize()} {signed(d[k])}" for k in KEYS[:3]
+                      if len(seeds) > 1 and d[k] is not None and evidence(d[k])]
+            out.append(f"{NAMES[a]} − {NAMES[b]}: {signed(avg)} Avg ({verdict})."
+                       + (f" The seeds agree (same sign, mean over twice its std) in {', '.join(where_)}."
+                          if where_ else ""))
     n = min(len(runs[k]) for k in main.values())
     if n < 2:
         out.append("One seed per row: no spread between runs, so none of these differences is a ranking.")

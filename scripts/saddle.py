@@ -13,8 +13,9 @@ for every run), and --steps Lanczos steps from a seeded start. The training imag
 commit, CPU and threads) and saddle.png into --out [the runs' folder]. Runs are added to an existing
 saddle.json one at a time, each saved as it finishes, so a long analysis can be made in pieces; a
 run it holds is skipped (--redo: made again), and a file made with other settings is refused.
-saddle.png: per optimizer, the mean over its seeds with each seed's value. Exit codes: 0, 2 bad input
-(one line, nothing written).
+saddle.png: per optimizer, the mean over its seeds with each seed's value. Printed (tables()): the
+mean ± std table, each seed's numbers and which of the paper's claims they support, the markdown
+results/README.md holds. Exit codes: 0, 2 bad input (one line, nothing written).
 """
 
 import argparse
@@ -32,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repo root (ssesam_minimal.py), curves.py's
 import ssesam_minimal as sm  # noqa: E402
 from curves import save_png  # noqa: E402
-from results_table import table_order  # noqa: E402
+from results_table import NAMES, evidence, table_order  # noqa: E402
 
 PROG = "saddle.py"
 
@@ -232,7 +233,7 @@ def draw(runs, path):
 
     rows = {}
     for name, r in runs.items():
-        rows.setdefault(re.sub(r"-seed\d+", "", name), []).append(r)
+        rows.setdefault(row_of(name), []).append(r)
     names = sorted(rows, key=lambda n: (table_order(n.split("-")[0]), n))
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), constrained_layout=True)
     for ax, key, title in zip(axes, ("ratio", "lambda_min", "lambda_max"),
@@ -254,6 +255,64 @@ def draw(runs, path):
     axes[0].legend(fontsize=9)
     fig.suptitle("bars: mean over seeds (± sample std from two seeds on); dots: each seed", fontsize=9)
     save_png(fig, path)
+
+
+def row_of(name):
+    """A run's row: its folder name without the seed, so that a control keeps its suffix."""
+    return re.sub(r"-seed\d+", "", name)
+
+
+# The paper's saddle claims, each read as a paired difference of λ_min / λ_max over the seeds two
+# rows share (a higher ratio: further from a saddle): (claim, row a, row b, group, the sign it needs).
+CLAIMS = [("SAM leaves the tail near a saddle: SAM's tail ratio below SGD's", "sam", "sgd", "tail", -1),
+          ("ImbSAM takes the tail away from it: ImbSAM's tail ratio above SAM's", "imbsam", "sam", "tail", 1),
+          ("SSE-SAM escapes on the tail: its tail ratio above SAM's", "ssesam", "sam", "tail", 1),
+          ("SSE-SAM escapes on the head too: its head ratio above ImbSAM's", "ssesam", "imbsam", "head", 1)]
+SHOWN = (("lambda_min", 3), ("lambda_max", 1), ("ratio", 4))  # each number's decimals
+
+
+def tables(report):
+    """The markdown blocks a reader gets of a saddle.json: per row the mean ± sample std over its
+    seeds, each seed's numbers (once a row has two), and which of the paper's claims the ratios,
+    paired seed by seed, support (results_table.evidence's rule)."""
+    def cell(values, decimals, sign=""):
+        if len(values) == 1:
+            return f"{values[0]:{sign}.{decimals}f}"
+        return f"{statistics.mean(values):{sign}.{decimals}f} ± {statistics.stdev(values):.{decimals}f}"
+
+    def cells(runs):
+        return " | ".join("--" if not runs[0].get(g) else cell([r[g][k] for r in runs], d)
+                          for g in ("head", "tail") for k, d in SHOWN)
+
+    rows = {}
+    for name, r in report["runs"].items():
+        rows.setdefault(row_of(name), {})[int(re.search(r"-seed(\d+)", name).group(1))] = r
+    top = " | ".join(f"{g} {k}" for g in ("head", "tail") for k in ("λ_min", "λ_max", "ratio"))
+    mean, each = [f"| row | seeds | {top} |", "|---" * 8 + "|"], [f"| row | seed | {top} |", "|---" * 8 + "|"]
+    for n in sorted(rows, key=lambda n: (table_order(n.split("-")[0]), n)):
+        opt, _, rest = n.partition("-")
+        label = NAMES.get(opt, opt) + (f" ({rest})" if rest else "")
+        mean.append(f"| {label} | {len(rows[n])} | {cells(list(rows[n].values()))} |")
+        each += [f"| {label} | {seed} | {cells([r])} |" for seed, r in sorted(rows[n].items())]
+    reading = []
+    for claim, a, b, group, sign in CLAIMS:
+        seeds = [k for k in sorted(set(rows.get(a, {})) & set(rows.get(b, {})))
+                 if rows[a][k].get(group) and rows[b][k].get(group)]
+        d = [rows[a][k][group]["ratio"] - rows[b][k][group]["ratio"] for k in seeds]
+        if not d:
+            continue
+        if len(d) < 2:
+            verdict = "one seed, no spread: leaves it open"
+        elif evidence(d):
+            verdict = "supports it" if (statistics.mean(d) > 0) == (sign > 0) else "contradicts it"
+        else:
+            verdict = "not one sign in every seed with a mean over twice its std: leaves it open"
+        per_seed = ", ".join(f"{x:+.4f}" for x in d)
+        reading.append(f"- {claim}. {NAMES[a]} − {NAMES[b]}, {group} ratio {cell(d, 4, '+')} "
+                       + (f"(seed {seeds[0]})" if len(d) == 1 else f"(seeds {', '.join(map(str, seeds))}: {per_seed})")
+                       + f": {verdict}.")
+    blocks = [mean, each, reading] if any(len(seeds) > 1 for seeds in rows.values()) else [mean, reading]
+    return ["\n".join(lines) for lines in blocks]  # each seed's table only where a row has several
 
 
 def read_report(path):
@@ -323,7 +382,8 @@ def main(argv=None):
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     draw(report["runs"], os.path.join(out, "saddle.png"))
-    print(f"{path}: {len(report['runs'])} runs; drew saddle.png")
+    print(f"{path}: {len(report['runs'])} runs; drew saddle.png\n")
+    print("\n\n".join(tables(report)))
     return report
 
 

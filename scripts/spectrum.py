@@ -16,15 +16,17 @@ their size), the spectrum of:
 Each Hessian gives λ_min, λ_max, their ratio and residual bounds, the Ritz nodes and weights (the
 spectral density) and whether λ_min is an outlier (saddle.hessian_extremes). spectrum.json keeps
 every run added so far, each with its settings, commit, CPU, threads and seconds; a run already
-there with the same settings is skipped. spectrum.png draws the densities on an asinh axis,
-broadened by a Gaussian of width --sigma in asinh(λ) (about --sigma·|λ| for |λ| > 1). saddle.json
-and saddle.png are never touched. Exit codes: 0, 2 bad input (one line, nothing written).
+there with the same settings is skipped. Printed (tables()): the groups' Hessians, the classes side
+by side and what they show, the markdown results/README.md holds. spectrum.png draws the densities
+on an asinh axis, broadened by a Gaussian of width --sigma in asinh(λ) (about --sigma·|λ| for
+|λ| > 1). saddle.json and saddle.png are never touched. Exit codes: 0, 2 bad input (one line, nothing written).
 """
 
 import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -96,6 +98,51 @@ def summary_line(name, r):
     lines += [one(g, s) for g, s in r["groups"].items() if s]
     lines += [one(f"class {c} (n={s['count']})", s) for c, s in r["classes"].items()]
     return "\n".join(lines)
+
+
+def tables(report):
+    """The markdown blocks a reader gets of a spectrum.json: the groups' Hessians run by run, the
+    single classes side by side (rows: classes, columns: runs), and what they show."""
+    names = sorted(report["runs"], key=lambda n: (table_order(n.split("-seed")[0]), n))
+    res = {n: report["runs"][n]["result"] for n in names}
+    tol = {n: report["runs"][n]["settings"]["tol"] for n in names}
+    groups = ["| run | group | steps | λ_min (± bound) | λ_max | ratio | outlier |", "|---" * 7 + "|"]
+    for n in names:
+        groups += [f"| {n} | {g} | {s['steps']} | {s['lambda_min']:.3f} (± {s['residual_min']:.2g}) "
+                   f"| {s['lambda_max']:.1f} | {s['ratio']:.4f} | {'yes' if s['outlier'] else 'no'} |"
+                   for g, s in res[n]["groups"].items() if s]
+    info = {}  # class -> (its training images, head or tail), as the runs saw them
+    for n in names:
+        info.update({int(c): (s["count"], s["group"]) for c, s in res[n]["classes"].items()})
+    order = sorted(info, key=lambda c: (info[c][1] == "head", info[c][0], -c))  # the tail's rarest first
+    classes = ["| class | n | group | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]
+    for c in order:
+        cells = [res[n]["classes"].get(str(c)) for n in names]
+        classes.append(f"| {c} | {info[c][0]} | {info[c][1]} | " + " | ".join(
+            "--" if s is None else f"{s['ratio']:.4f} ({s['lambda_min']:.2f} / {s['lambda_max']:.0f})"
+            + (" ▼" if s["outlier"] else "") for s in cells) + " |")
+    every = [(n, g, s) for n in names for g, s in res[n]["groups"].items() if s] + \
+            [(n, f"class {c}", s) for n in names for c, s in res[n]["classes"].items()]
+    unsettled = [(n, w) for n, w, s in every if not (s["residual_min"] < tol[n] * abs(s["lambda_min"])
+                                                     and s["residual_max"] < tol[n] * abs(s["lambda_max"]))]
+    steps = sorted(s["steps"] for _, _, s in every)
+    outliers = [f"{n} {w} ({s['lambda_min']:.2f}, next {s['nodes'][1]:.2f})" for n, w, s in every if s["outlier"]]
+    low = min(every, key=lambda e: e[2]["lambda_min"])
+    settled = (f"{len(unsettled)} did not settle to the tolerance: " + ", ".join(f"{n} {w}" for n, w in unsettled)
+               + "." if unsettled else "every extreme settled to the tolerance (residual bound below it).")
+    reading = [f"Steps: {steps[0]} to {steps[-1]} Lanczos steps (median {statistics.median(steps):g}) per Hessian, "
+               f"{len(every)} Hessians; {settled}"]
+    reading.append(f"Negative outliers (λ_min settled and apart from the next Ritz value by over half its size): "
+                   + (", ".join(outliers) if outliers else "none") + ".")
+    reading.append(f"The most negative λ_min: {low[2]['lambda_min']:.2f} ({low[0]}, {low[1]}, λ_max "
+                   f"{low[2]['lambda_max']:.1f}). Rangwani et al.'s CIFAR-10-LT tail class: -59.0, head class -1.7.")
+    for n in names:
+        by = {g: [s["ratio"] for s in res[n]["classes"].values() if s["group"] == g] for g in ("tail", "head")}
+        reading.append(f"{n}: " + "; ".join(f"{g} classes' ratios {min(r):.4f} to {max(r):.4f}"
+                                             for g, r in by.items() if r)
+                       + "; groups: " + ", ".join(f"{g} {s['ratio']:.4f}" for g, s in res[n]["groups"].items() if s)
+                       + ".")
+    return ["\n".join(groups), "\n".join(classes), "\n".join(f"- {line}" for line in reading)]
 
 
 def draw(runs, sigma, path):
@@ -196,7 +243,8 @@ def main(argv=None):
         raise SystemExit(2)
     if report["runs"]:
         draw(report["runs"], args.sigma, os.path.join(out, "spectrum.png"))
-        print(f"{path}: {len(report['runs'])} runs; drew {os.path.join(out, 'spectrum.png')}")
+        print(f"{path}: {len(report['runs'])} runs; drew {os.path.join(out, 'spectrum.png')}\n")
+        print("\n\n".join(tables(report)))
     return report
 
 

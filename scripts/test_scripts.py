@@ -544,7 +544,7 @@ def write_summary(folder, opt, seed, avg, precision="bf16", suffix="", hours=1.0
            "avx512_bf16": True}
     config = {"opt": opt, "arch": "resnet32", "epochs": 200, "lr": 0.01, "seed": seed,
               "out": str(folder / f"{opt}-seed{seed}{suffix}"), "print_freq": 10, **settings}
-    (folder / f"{opt}-seed{seed}{suffix}").mkdir(parents=True)
+    (folder / f"{opt}-seed{seed}{suffix}").mkdir(parents=True, exist_ok=True)
     (folder / f"{opt}-seed{seed}{suffix}" / "summary.json").write_text(json.dumps(
         {"config": config, "params": 470000, "device": device, "device_name": "NVIDIA H200" if device != "cpu"
          else "cpu", "precision": precision, "cpu": cpu, "threads": 2, "torch": "2.14.1",
@@ -609,6 +609,31 @@ def test_results_table_shows_each_control_as_its_own_row_with_its_difference_and
            "seed, is 1.5;" in out
     assert "- SSE-SAM − SGD: +1.3 ± 1.0 Avg (inside the floor in 1 of 2 seeds: not evidence)." in out
     assert "One seed per row" not in out
+
+
+def test_results_table_weighs_each_difference_by_the_floor_its_sign_and_twice_its_std(tmp_path, capsys):
+    write_summary(tmp_path, "sgd", 0, 44.5, precision="fp32", suffix="-fp32")  # the floor: 0.5
+    for opt, avgs, manys in (("sgd", (44.0, 45.0, 44.0), (70.0,) * 3),
+                             ("sam", (46.0, 46.5, 47.0), (71.0, 72.0, 71.5)), ("imbsam", (45.0, 47.0, 44.6), (70.0,) * 3), ("ssesam", (48.0, 49.0, 48.5), (70.0,) * 3)):
+        for seed, (avg, many) in enumerate(zip(avgs, manys)):
+            write_summary(tmp_path, opt, seed, avg, many=many)
+    shows = results_table_output(tmp_path, capsys)[1].split("What they show\n\n")[1].splitlines()
+    # means 48.5, 46.5, 45.5, 44.3: ImbSAM below SAM
+    assert shows[0] == ("- The paper's order of the Avg, SSE-SAM > ImbSAM > SAM > SGD, does not appear in the means "
+                        "over the seeds all four rows have (0, 1, 2): SSE-SAM 48.5, SAM 46.5, ImbSAM 45.5, SGD 44.3.")
+    # SAM - SGD: 2, 1.5, 3 (mean 2.17 > 2 x 0.76), all above 0.5; Many 1, 2, 1.5; Med and Few 0
+    assert "- SAM − SGD: +2.2 ± 0.8 Avg (evidence: 3.0 to 6.0 times the floor in all 3 seeds). The seeds agree " \
+           "(same sign, mean over twice its std) in Many +1.5 ± 0.5." in shows
+    # ImbSAM - SGD: 1, 2, 0.6: one sign, outside the floor, but mean 1.2 < 2 x 0.72
+    assert "- ImbSAM − SGD: +1.2 ± 0.7 Avg (the same sign in all 3 seeds, but the mean is within twice its std: " \
+           "not evidence)." in shows
+    assert "- ImbSAM − SAM: -1.0 ± 1.5 Avg (its sign changes between seeds: not evidence). The seeds agree (same " \
+           "sign, mean over twice its std) in Many -1.5 ± 0.5." in shows  # Many: 70 - 71, 70 - 72, 70 - 71.5
+    for seed, avg in enumerate((46.5, 47.5, 47.0)):  # ImbSAM now above SAM: the paper's order
+        write_summary(tmp_path, "imbsam", seed, avg)
+    assert "- The paper's order of the Avg, SSE-SAM > ImbSAM > SAM > SGD, appears in the means over the seeds " \
+           "all four rows have (0, 1, 2): SSE-SAM 48.5, ImbSAM 47.0, SAM 46.5, SGD 44.3." in \
+           results_table_output(tmp_path, capsys)[1]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no seed", "no final avg", "a second seed 0"])
@@ -1004,6 +1029,34 @@ def test_saddle_adds_runs_to_its_json_one_at_a_time_and_refuses_other_settings(t
     assert "is damaged" in expect_exit(saddle.main, [str(other), "--out", str(tmp_path)], 2, capsys)
 
 
+def test_saddle_tables_give_mean_and_std_each_seed_and_weigh_the_papers_claims_by_paired_ratios(saddle):
+    def run(head, tail):  # ratios; λ_max 100
+        return {g: None if r is None else {"lambda_min": 100 * r, "lambda_max": 100.0, "ratio": r}
+                for g, r in (("head", head), ("tail", tail))}
+    tails = {"sgd": (-0.005, -0.006, -0.004), "sam": (-0.012, -0.011, -0.013), "imbsam": (-0.010, -0.014, -0.009),
+             "ssesam": (-0.018, -0.015, -0.017)}
+    runs = {f"{opt}-seed{k}": run(-0.01, t) for opt, ts in tails.items() for k, t in enumerate(ts)}
+    runs["sgd-seed0-fp32"] = run(None, -0.007)  # a control: its own row; a group without images: --
+    mean, each, reading = saddle.tables({"runs": runs})
+    assert mean.splitlines()[2:4] == [
+        "| SGD | 3 | -1.000 ± 0.000 | 100.0 ± 0.0 | -0.0100 ± 0.0000 | -0.500 ± 0.100 | 100.0 ± 0.0 | -0.0050 ± 0.0010 |",
+        "| SGD (fp32) | 1 | -- | -- | -- | -0.700 | 100.0 | -0.0070 |"]
+    assert mean.splitlines()[-1].startswith("| SSE-SAM | 3 |") and len(mean.splitlines()) == 7
+    assert "| ImbSAM | 1 | -1.000 | 100.0 | -0.0100 | -1.400 | 100.0 | -0.0140 |" in each.splitlines()
+    lines = reading.splitlines()
+    # SAM - SGD: -0.007, -0.005, -0.009, one sign, |mean| over twice the std: the claim's sign
+    assert lines[0] == ("- SAM leaves the tail near a saddle: SAM's tail ratio below SGD's. SAM − SGD, tail ratio "
+                        "-0.0070 ± 0.0020 (seeds 0, 1, 2: -0.0070, -0.0050, -0.0090): supports it.")
+    assert lines[1].endswith("(seeds 0, 1, 2: +0.0020, -0.0030, +0.0040): not one sign in every seed with a mean "
+                             "over twice its std: leaves it open.")  # ImbSAM - SAM
+    assert lines[2].endswith("(seeds 0, 1, 2: -0.0060, -0.0040, -0.0040): contradicts it.")  # SSE-SAM - SAM
+    assert lines[3] == ("- SSE-SAM escapes on the head too: its head ratio above ImbSAM's. SSE-SAM − ImbSAM, head "
+                        "ratio +0.0000 ± 0.0000 (seeds 0, 1, 2: +0.0000, +0.0000, +0.0000): not one sign in every "
+                        "seed with a mean over twice its std: leaves it open.")  # no difference at all
+    table, one = saddle.tables({"runs": {"sam-seed0": run(-0.01, -0.012), "sgd-seed0": run(-0.01, -0.005)}})
+    assert table.startswith("| row | seeds |") and one.endswith("SAM − SGD, tail ratio -0.0070 (seed 0): one seed, no spread: leaves it open.")
+
+
 def test_spectrum_adds_each_run_to_spectrum_json_with_group_and_class_spectra_and_draws_them(
         tiny_runs, saddle, tmp_path, capsys):
     spectrum = importlib.import_module("spectrum")
@@ -1043,6 +1096,40 @@ def test_spectrum_adds_each_run_to_spectrum_json_with_group_and_class_spectra_an
     (tmp_path / "spectrum.json").write_text("{not json")
     expect_exit(spectrum.main, [str(other)] + flags, 2, capsys)
     assert (tmp_path / "spectrum.json").read_text() == "{not json"
+
+
+def test_spectrum_tables_put_classes_beside_each_other_and_name_outliers_and_unsettled_hessians():
+    spectrum = importlib.import_module("spectrum")
+
+    def h(lam_min, lam_max, next_=None, steps=20, residual=0.001, outlier=False, **more):
+        return {"lambda_min": lam_min, "lambda_max": lam_max, "ratio": lam_min / lam_max, "steps": steps,
+                "residual_min": residual, "residual_max": 0.01, "outlier": outlier,
+                "nodes": [lam_min, lam_min / 2 if next_ is None else next_, lam_max], "weights": [0.1, 0.8, 0.1],
+                **more}
+    runs = {"sam-seed0": {"groups": {"head": h(-0.5, 50.0), "tail": h(-1.0, 200.0, steps=30)},
+                          "classes": {"99": h(-6.0, 30.0, next_=-1.0, outlier=True, count=5, group="tail"),
+                                      "0": h(-0.2, 40.0, residual=1.0, steps=40, count=500, group="head")}},
+            "sgd-seed0": {"groups": {"head": h(-0.4, 60.0, steps=10), "tail": None},
+                          "classes": {"99": h(-3.0, 30.0, count=5, group="tail"),
+                                      "0": h(-0.1, 40.0, count=500, group="head")}}}
+    report = {"runs": {n: {"settings": {"tol": 0.05}, "result": r} for n, r in runs.items()}}
+    groups, classes, reading = spectrum.tables(report)
+    assert groups.splitlines()[2:] == ["| sgd-seed0 | head | 10 | -0.400 (± 0.001) | 60.0 | -0.0067 | no |",
+                                       "| sam-seed0 | head | 20 | -0.500 (± 0.001) | 50.0 | -0.0100 | no |",
+                                       "| sam-seed0 | tail | 30 | -1.000 (± 0.001) | 200.0 | -0.0050 | no |"]
+    assert classes.splitlines() == ["| class | n | group | sgd-seed0 | sam-seed0 |", "|---|---|---|---|---|",
+                                    "| 99 | 5 | tail | -0.1000 (-3.00 / 30) | -0.2000 (-6.00 / 30) ▼ |",
+                                    "| 0 | 500 | head | -0.0025 (-0.10 / 40) | -0.0050 (-0.20 / 40) |"]
+    lines = reading.splitlines()
+    # sam's class 0: residual bound 1.0 over 5 % of |-0.2|
+    assert lines[0] == "- Steps: 10 to 40 Lanczos steps (median 20) per Hessian, 7 Hessians; 1 did not settle to " \
+                       "the tolerance: sam-seed0 class 0."
+    assert lines[1].endswith(": sam-seed0 class 99 (-6.00, next -1.00).")
+    assert lines[2].startswith("- The most negative λ_min: -6.00 (sam-seed0, class 99, λ_max 30.0).")
+    assert lines[3:] == ["- sgd-seed0: tail classes' ratios -0.1000 to -0.1000; head classes' ratios -0.0025 to "
+                         "-0.0025; groups: head -0.0067.",
+                         "- sam-seed0: tail classes' ratios -0.2000 to -0.2000; head classes' ratios -0.0050 to "
+                         "-0.0050; groups: head -0.0100, tail -0.0050."]
 
 
 # what saddle.py and evaluate.py (which loads runs with saddle.py's load_run) refuse, and the words
