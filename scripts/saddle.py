@@ -286,7 +286,8 @@ def tables(report):
 
     rows = {}
     for name, r in report["runs"].items():
-        rows.setdefault(row_of(name), {})[int(re.search(r"-seed(\d+)", name).group(1))] = r
+        seed = re.search(r"-seed(\d+)", name)  # a folder named otherwise: a row of its own, seed 0
+        rows.setdefault(row_of(name), {})[int(seed.group(1)) if seed else 0] = r
     top = " | ".join(f"{g} {k}" for g in ("head", "tail") for k in ("λ_min", "λ_max", "ratio"))
     mean, each = [f"| row | seeds | {top} |", "|---" * 8 + "|"], [f"| row | seed | {top} |", "|---" * 8 + "|"]
     for n in sorted(rows, key=lambda n: (table_order(n.split("-")[0]), n)):
@@ -315,9 +316,9 @@ def tables(report):
     return ["\n".join(lines) for lines in blocks]  # each seed's table only where a row has several
 
 
-def read_report(path):
+def read_report(path, tables):
     """The report (saddle.json, spectrum.json) at path, {"runs": {}} if there is none, or one line on
-    what is wrong with it."""
+    what is wrong with it: it must be JSON whose runs its tables (saddle's or spectrum's) can print."""
     if not os.path.isfile(path):
         return {"runs": {}}
     try:
@@ -325,7 +326,9 @@ def read_report(path):
             report = json.load(fh)
         if not isinstance(report, dict) or not isinstance(report.get("runs"), dict):
             raise TypeError("no runs")
-    except (ValueError, TypeError) as e:
+        if report["runs"]:
+            tables(report)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         raise sm.UsageError(f"{path} is damaged ({type(e).__name__}); move it away to start afresh")
     return report
 
@@ -354,7 +357,7 @@ def main(argv=None):
         if not os.path.isdir(out):
             raise sm.UsageError(f"--out {out} is not a folder")
         path = os.path.join(out, "saddle.json")
-        report = read_report(path)
+        report = read_report(path, tables)
         cfg = next(iter(loaded.values()))[0]
         counts = sm.data_counts(cfg.dataset, cfg.imb_factor)[0]
         settings = {"arch": cfg.arch, "dataset": cfg.dataset, "imb_factor": cfg.imb_factor, "eta": cfg.eta,

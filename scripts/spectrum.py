@@ -221,7 +221,7 @@ def main(argv=None):
         if not os.path.isdir(out):
             raise sm.UsageError(f"--out {out} is not a folder")
         path = os.path.join(out, "spectrum.json")
-        report = read_report(path)
+        report = read_report(path, tables)
         settings, data = settings_of(args), {}
         for name, (cfg, state, _) in loaded.items():
             old = report["runs"].get(name)

@@ -1025,8 +1025,10 @@ def test_saddle_adds_runs_to_its_json_one_at_a_time_and_refuses_other_settings(t
     saved = (tmp_path / "saddle.json").read_text()
     err = expect_exit(saddle.main, [str(other), "--images", "8", "--steps", "4", "--out", str(tmp_path)], 2, capsys)
     assert "holds runs made with other settings" in err and (tmp_path / "saddle.json").read_text() == saved
-    (tmp_path / "saddle.json").write_text("[1, 2")
-    assert "is damaged" in expect_exit(saddle.main, [str(other), "--out", str(tmp_path)], 2, capsys)
+    for damaged in ("[1, 2", saved.replace('"ratio"', '"ration"', 1)):  # not JSON; a run without a number
+        (tmp_path / "saddle.json").write_text(damaged)
+        assert "is damaged" in expect_exit(saddle.main, [str(other), "--out", str(tmp_path)], 2, capsys)
+        assert (tmp_path / "saddle.json").read_text() == damaged
 
 
 def test_saddle_tables_give_mean_and_std_each_seed_and_weigh_the_papers_claims_by_paired_ratios(saddle):
@@ -1053,8 +1055,10 @@ def test_saddle_tables_give_mean_and_std_each_seed_and_weigh_the_papers_claims_b
     assert lines[3] == ("- SSE-SAM escapes on the head too: its head ratio above ImbSAM's. SSE-SAM − ImbSAM, head "
                         "ratio +0.0000 ± 0.0000 (seeds 0, 1, 2: +0.0000, +0.0000, +0.0000): not one sign in every "
                         "seed with a mean over twice its std: leaves it open.")  # no difference at all
-    table, one = saddle.tables({"runs": {"sam-seed0": run(-0.01, -0.012), "sgd-seed0": run(-0.01, -0.005)}})
-    assert table.startswith("| row | seeds |") and one.endswith("SAM − SGD, tail ratio -0.0070 (seed 0): one seed, no spread: leaves it open.")
+    table, one = saddle.tables({"runs": {"sam-seed0": run(-0.01, -0.012), "sgd-seed0": run(-0.01, -0.005),
+                                         "mine": run(-0.02, -0.02)}})  # a folder named without a seed
+    assert table.splitlines()[-1] == "| mine | 1 | -2.000 | 100.0 | -0.0200 | -2.000 | 100.0 | -0.0200 |"
+    assert one.endswith("SAM − SGD, tail ratio -0.0070 (seed 0): one seed, no spread: leaves it open.")
 
 
 def test_spectrum_adds_each_run_to_spectrum_json_with_group_and_class_spectra_and_draws_them(
@@ -1093,9 +1097,10 @@ def test_spectrum_adds_each_run_to_spectrum_json_with_group_and_class_spectra_an
     assert "ssesam-seed0: already in" in capsys.readouterr().out
     assert again["runs"]["ssesam-seed0"] == run and set(again["runs"]) == {"sgd-seed0", "ssesam-seed0"}
     # a damaged spectrum.json: one line, exit 2, left as it is
-    (tmp_path / "spectrum.json").write_text("{not json")
-    expect_exit(spectrum.main, [str(other)] + flags, 2, capsys)
-    assert (tmp_path / "spectrum.json").read_text() == "{not json"
+    for damaged in ("{not json", (tmp_path / "spectrum.json").read_text().replace('"outlier"', '"outlie"', 1)):
+        (tmp_path / "spectrum.json").write_text(damaged)  # not JSON; a Hessian without its outlier flag
+        assert "is damaged" in expect_exit(spectrum.main, [str(other)] + flags, 2, capsys)
+        assert (tmp_path / "spectrum.json").read_text() == damaged
 
 
 def test_spectrum_tables_put_classes_beside_each_other_and_name_outliers_and_unsettled_hessians():
