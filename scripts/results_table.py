@@ -188,10 +188,11 @@ def reading(runs):
     if common:  # the means over the seeds every row has, so that each row averages the same draws
         means = {o: statistics.mean(runs[main[o]][s]["final"]["avg"] for s in common) for o in PAPER_ORDER}
         here = sorted(PAPER_ORDER, key=lambda o: -means[o])
+        seeds = ", ".join(map(str, common))
+        over = f"seed {seeds}, the only seed" if len(common) == 1 else f"the means over seeds {seeds}, the seeds"
         out.append("The paper's order of the Avg, " + " > ".join(NAMES[o] for o in PAPER_ORDER)
                    + (", appears" if here == list(PAPER_ORDER) else ", does not appear")
-                   + f" in the means over the seed{'s' * (len(common) > 1)} all four rows have "
-                   + f"({', '.join(map(str, common))}): " + ", ".join(f"{NAMES[o]} {means[o]:.1f}" for o in here) + ".")
+                   + f" in {over} all four rows have: " + ", ".join(f"{NAMES[o]} {means[o]:.1f}" for o in here) + ".")
     floors = [abs(x) for label, key, m in rows_of(runs) if key != m for x in paired(runs, key, m)[1]["avg"] or []]
     if not floors:
         return out + ["No control run: nothing here says how far one run moves, so no difference below is weighed."]
@@ -206,6 +207,7 @@ def reading(runs):
             if not seeds:
                 continue
             avg = d["avg"]
+            every = "both" if len(avg) == 2 else f"all {len(avg)}"
             inside = sum(abs(x) <= floor for x in avg)
             if inside == len(avg):
                 verdict = "inside the floor: not evidence"
@@ -216,10 +218,10 @@ def reading(runs):
             elif len(avg) == 1:
                 verdict = f"{abs(avg[0]) / floor:.1f} times the floor, one seed"
             elif not evidence(avg):
-                verdict = f"the same sign in all {len(avg)} seeds, but the mean is within twice its std: not evidence"
+                verdict = f"the same sign in {every} seeds, but the mean is within twice its std: not evidence"
             else:
                 ratios = sorted(abs(x) / floor for x in avg)
-                verdict = f"evidence: {ratios[0]:.1f} to {ratios[-1]:.1f} times the floor in all {len(avg)} seeds"
+                verdict = f"evidence: {ratios[0]:.1f} to {ratios[-1]:.1f} times the floor in {every} seeds"
             where_ = [f"{k.capitalize()} {signed(d[k])}" for k in KEYS[:3]
                       if len(seeds) > 1 and d[k] is not None and evidence(d[k])]
             out.append(f"{NAMES[a]} − {NAMES[b]}: {signed(avg)} Avg ({verdict})."

@@ -620,7 +620,7 @@ def test_results_table_weighs_each_difference_by_the_floor_its_sign_and_twice_it
     shows = results_table_output(tmp_path, capsys)[1].split("What they show\n\n")[1].splitlines()
     # means 48.5, 46.5, 45.5, 44.3: ImbSAM below SAM
     assert shows[0] == ("- The paper's order of the Avg, SSE-SAM > ImbSAM > SAM > SGD, does not appear in the means "
-                        "over the seeds all four rows have (0, 1, 2): SSE-SAM 48.5, SAM 46.5, ImbSAM 45.5, SGD 44.3.")
+                        "over seeds 0, 1, 2, the seeds all four rows have: SSE-SAM 48.5, SAM 46.5, ImbSAM 45.5, SGD 44.3.")
     # SAM - SGD: 2, 1.5, 3 (mean 2.17 > 2 x 0.76), all above 0.5; Many 1, 2, 1.5; Med and Few 0
     assert "- SAM − SGD: +2.2 ± 0.8 Avg (evidence: 3.0 to 6.0 times the floor in all 3 seeds). The seeds agree " \
            "(same sign, mean over twice its std) in Many +1.5 ± 0.5." in shows
@@ -631,8 +631,8 @@ def test_results_table_weighs_each_difference_by_the_floor_its_sign_and_twice_it
            "sign, mean over twice its std) in Many -1.5 ± 0.5." in shows  # Many: 70 - 71, 70 - 72, 70 - 71.5
     for seed, avg in enumerate((46.5, 47.5, 47.0)):  # ImbSAM now above SAM: the paper's order
         write_summary(tmp_path, "imbsam", seed, avg)
-    assert "- The paper's order of the Avg, SSE-SAM > ImbSAM > SAM > SGD, appears in the means over the seeds " \
-           "all four rows have (0, 1, 2): SSE-SAM 48.5, ImbSAM 47.0, SAM 46.5, SGD 44.3." in \
+    assert "- The paper's order of the Avg, SSE-SAM > ImbSAM > SAM > SGD, appears in the means over seeds " \
+           "0, 1, 2, the seeds all four rows have: SSE-SAM 48.5, ImbSAM 47.0, SAM 46.5, SGD 44.3." in \
            results_table_output(tmp_path, capsys)[1]
 
 
