@@ -46,19 +46,23 @@ def table_order(opt):
     return OPTS.index(opt) if opt in OPTS else len(OPTS)
 
 
-def mean_std(values):
+def in_table_order(names):
+    """Run or row names (<opt>-seed<k>[suffix], <opt>[-suffix]) in the table's order, then by name."""
+    return sorted(names, key=lambda n: (table_order(n.split("-")[0]), n))
+
+
+def mean_std(values, decimals=1, sign=""):
+    """The mean ± the sample std (one value: itself), to `decimals`; sign "+" for a difference."""
     if any(v is None for v in values):  # a group with no class in it (Few on CIFAR-10 IF 10)
         return "--"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:{sign}.{decimals}f}"
+    return f"{statistics.mean(values):{sign}.{decimals}f} ± {statistics.stdev(values):.{decimals}f}"
 
 
-def signed(values):
+def signed(values, decimals=1):
     """mean_std with a sign: a difference."""
-    if len(values) == 1:
-        return f"{values[0]:+.1f}"
-    return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f}"
+    return mean_std(values, decimals, "+")
 
 
 def precision_of(s):

@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repo root (ssesam_minimal.py), curves.py's
 import ssesam_minimal as sm  # noqa: E402
 from curves import save_png  # noqa: E402
-from results_table import NAMES, evidence, table_order  # noqa: E402
+from results_table import NAMES, evidence, in_table_order, mean_std, signed  # noqa: E402
 
 PROG = "saddle.py"
 
@@ -234,7 +234,7 @@ def draw(runs, path):
     rows = {}
     for name, r in runs.items():
         rows.setdefault(row_of(name), []).append(r)
-    names = sorted(rows, key=lambda n: (table_order(n.split("-")[0]), n))
+    names = in_table_order(rows)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), constrained_layout=True)
     for ax, key, title in zip(axes, ("ratio", "lambda_min", "lambda_max"),
                               ("λ_min / λ_max (< 0: a saddle)", "λ_min", "λ_max")):
@@ -275,13 +275,8 @@ def tables(report):
     """The markdown blocks a reader gets of a saddle.json: per row the mean ± sample std over its
     seeds, each seed's numbers (once a row has two), and which of the paper's claims the ratios,
     paired seed by seed, support (results_table.evidence's rule)."""
-    def cell(values, decimals, sign=""):
-        if len(values) == 1:
-            return f"{values[0]:{sign}.{decimals}f}"
-        return f"{statistics.mean(values):{sign}.{decimals}f} ± {statistics.stdev(values):.{decimals}f}"
-
     def cells(runs):
-        return " | ".join("--" if not runs[0].get(g) else cell([r[g][k] for r in runs], d)
+        return " | ".join("--" if not runs[0].get(g) else mean_std([r[g][k] for r in runs], d)
                           for g in ("head", "tail") for k, d in SHOWN)
 
     rows = {}
@@ -290,7 +285,7 @@ def tables(report):
         rows.setdefault(row_of(name), {})[int(seed.group(1)) if seed else 0] = r
     top = " | ".join(f"{g} {k}" for g in ("head", "tail") for k in ("λ_min", "λ_max", "ratio"))
     mean, each = [f"| row | seeds | {top} |", "|---" * 8 + "|"], [f"| row | seed | {top} |", "|---" * 8 + "|"]
-    for n in sorted(rows, key=lambda n: (table_order(n.split("-")[0]), n)):
+    for n in in_table_order(rows):
         opt, _, rest = n.partition("-")
         label = NAMES.get(opt, opt) + (f" ({rest})" if rest else "")
         mean.append(f"| {label} | {len(rows[n])} | {cells(list(rows[n].values()))} |")
@@ -309,7 +304,7 @@ def tables(report):
         else:
             verdict = "not one sign in every seed with a mean over twice its std: leaves it open"
         per_seed = ", ".join(f"{x:+.4f}" for x in d)
-        reading.append(f"- {claim}. {NAMES[a]} − {NAMES[b]}, {group} ratio {cell(d, 4, '+')} "
+        reading.append(f"- {claim}. {NAMES[a]} − {NAMES[b]}, {group} ratio {signed(d, 4)} "
                        + (f"(seed {seeds[0]})" if len(d) == 1 else f"(seeds {', '.join(map(str, seeds))}: {per_seed})")
                        + f": {verdict}.")
     blocks = [mean, each, reading] if any(len(seeds) > 1 for seeds in rows.values()) else [mean, reading]

@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 import ssesam_minimal as sm  # noqa: E402
 from curves import save_png  # noqa: E402
-from results_table import table_order  # noqa: E402
+from results_table import in_table_order  # noqa: E402
 from saddle import (build_net, density, finished_runs, hessian_extremes, load_run, read_report,  # noqa: E402
                     saddle_analysis)
 
@@ -103,7 +103,7 @@ def summary_line(name, r):
 def tables(report):
     """The markdown blocks a reader gets of a spectrum.json: the groups' Hessians run by run, the
     single classes side by side (rows: classes, columns: runs), and what they show."""
-    names = sorted(report["runs"], key=lambda n: (table_order(n.split("-seed")[0]), n))
+    names = in_table_order(report["runs"])
     res = {n: report["runs"][n]["result"] for n in names}
     tol = {n: report["runs"][n]["settings"]["tol"] for n in names}
     groups = ["| run | group | steps | λ_min (± bound) | λ_max | ratio | outlier |", "|---" * 7 + "|"]
@@ -151,7 +151,7 @@ def draw(runs, sigma, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted(runs, key=lambda n: (table_order(n.split("-seed")[0]), n))
+    names = in_table_order(runs)
     u = torch.linspace(-7, 7, 1401, dtype=torch.float64)  # asinh(λ): ±1100
     ticks = [-1000, -100, -10, -1, 0, 1, 10, 100, 1000]
     fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 6.5), squeeze=False,
