@@ -132,7 +132,7 @@ def tables(report):
                + "." if unsettled else "every extreme settled to the tolerance (residual bound below it).")
     reading = [f"Steps: {steps[0]} to {steps[-1]} Lanczos steps (median {statistics.median(steps):g}) per Hessian, "
                f"{len(every)} Hessians; {settled}"]
-    reading.append(f"Negative outliers (λ_min settled and apart from the next Ritz value by over half its size): "
+    reading.append("Negative outliers (λ_min settled and apart from the next Ritz value by over half its size): "
                    + (", ".join(outliers) if outliers else "none") + ".")
     reading.append(f"The most negative λ_min: {low[2]['lambda_min']:.2f} ({low[0]}, {low[1]}, λ_max "
                    f"{low[2]['lambda_max']:.1f}). Rangwani et al.'s CIFAR-10-LT tail class: -59.0, head class -1.7.")
