@@ -231,9 +231,12 @@ def reading(runs):
             out.append(f"{NAMES[a]} − {NAMES[b]}: {signed(avg)} Avg ({verdict})."
                        + (f" The seeds agree (same sign, mean over twice its std) in {', '.join(where_)}."
                           if where_ else ""))
-    n = min(len(runs[k]) for k in main.values())
-    if n < 2:
+    single = [NAMES.get(o, o) for o, key in main.items() if len(runs[key]) < 2]
+    if single and len(single) == len(main):
         out.append("One seed per row: no spread between runs, so none of these differences is a ranking.")
+    elif single:
+        out.append(f"Rows with one seed ({', '.join(single)}): no spread between their runs, so no difference "
+                   "with them is a ranking.")
     return out
 
 

@@ -609,6 +609,11 @@ def test_results_table_shows_each_control_as_its_own_row_with_its_difference_and
            "seed, is 1.5;" in out
     assert "- SSE-SAM − SGD: +1.3 ± 1.0 Avg (inside the floor in 1 of 2 seeds: not evidence)." in out
     assert "One seed per row" not in out
+    write_summary(tmp_path, "sam", 0, 45.0)  # one row with one seed: named, not every row
+    _, out = results_table_output(tmp_path, capsys)
+    assert out.rstrip("\n").endswith("- Rows with one seed (SAM): no spread between their runs, so no difference "
+                                      "with them is a ranking.")
+    assert "One seed per row" not in out
 
 
 def test_results_table_weighs_each_difference_by_the_floor_its_sign_and_twice_its_std(tmp_path, capsys):
