@@ -152,9 +152,12 @@ def draw(runs, sigma, path):
     import matplotlib.pyplot as plt
 
     names = in_table_order(runs)
-    u = torch.linspace(-7, 7, 1401, dtype=torch.float64)  # asinh(λ): ±1100
-    ticks = [-1000, -100, -10, -1, 0, 1, 10, 100, 1000]
-    fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 6.5), squeeze=False,
+    nodes = [x for n in names for part in ("groups", "classes") for s in runs[n]["result"][part].values()
+             if s for x in s["nodes"]]
+    a, b = math.asinh(min(nodes + [0])) - 0.5, math.asinh(max(nodes + [0])) + 0.5  # every node on the axis
+    u = torch.linspace(a, b, 2001, dtype=torch.float64)  # asinh(λ)
+    ticks = [t for t in sorted({0} | {s * 10 ** k for k in range(6) for s in (-1, 1)}) if a <= math.asinh(t) <= b]
+    fig, axes = plt.subplots(2, len(names), figsize=(max(4 * len(names), 8), 6.5), squeeze=False,
                              sharex=True, sharey=True, constrained_layout=True)
 
     def curve(ax, s, **kw):
@@ -175,6 +178,7 @@ def draw(runs, sigma, path):
         ax.set_ylim(1e-7, 10)
         ax.axvline(0, color="k", lw=0.5)
         ax.set_xticks([math.asinh(t) for t in ticks], [str(t) for t in ticks], fontsize=8)
+        ax.set_xlim(a, b)
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("density (groups)")
     axes[1, 0].set_ylabel("density (single classes:\nred tail, blue head)")
