@@ -2149,15 +2149,20 @@ def test_results_readme_holds_what_results_table_py_prints_for_the_committed_run
     assert [block.splitlines()[0] for block in results_table_blocks() if block not in text] == []
 
 
-def test_results_readme_holds_what_saddle_py_prints_for_the_committed_saddle_json():
-    spec = importlib.util.spec_from_file_location("saddle", os.path.join(REPO, "scripts", "saddle.py"))
-    saddle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(saddle)
-    with open(os.path.join(RESULTS, "saddle.json")) as fh:
-        blocks = saddle.tables(json.load(fh))
+def script_tables(tool):
+    """What scripts/<tool>.py (saddle or spectrum) prints for the committed <tool>.json: its blocks."""
+    spec = importlib.util.spec_from_file_location(tool, os.path.join(REPO, "scripts", f"{tool}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(os.path.join(RESULTS, f"{tool}.json")) as fh:
+        return module.tables(json.load(fh))
+
+
+@pytest.mark.parametrize("tool", ["saddle", "spectrum"])
+def test_results_readme_holds_what_saddle_py_and_spectrum_py_print_for_their_committed_json(tool):
     with open(os.path.join(REPO, "results", "README.md"), encoding="utf-8") as fh:
         text = fh.read()
-    assert [block.splitlines()[0] for block in blocks if block not in text] == []
+    assert [block.splitlines()[0] for block in script_tables(tool) if block not in text] == []
 
 
 # =============================================================================================
@@ -2195,7 +2200,8 @@ def test_the_notebooks_saved_section_8_shows_the_committed_runs_as_they_are_now(
     nbformat = pytest.importorskip("nbformat")
     cells = {cell.id: cell for cell in nbformat.read(NOTEBOOK, as_version=4).cells}
     shown = "".join(o.get("text", "") for o in cells["s8-results"].outputs)
-    assert [block.splitlines()[0] for block in results_table_blocks() if block not in shown] == []
+    blocks = results_table_blocks() + script_tables("saddle") + script_tables("spectrum")
+    assert [block.splitlines()[0] for block in blocks if block not in shown] == []
 
 
 def test_the_notebooks_notes_quote_only_numbers_that_the_saved_outputs_of_their_section_show():
