@@ -115,7 +115,7 @@ def _ritz(alpha, beta):
 def hessian_extremes(model, criterion, x, y, k=30, seed=0, batch_size=250, tol=None):
     """The Hessian of L(w) = (1 / N) Σ_i ℓ_i(w) over (x, y), in eval mode (the mode is restored),
     seen by k Lanczos steps (fewer with tol, as in lanczos) from a seeded random start:
-    λ_min, λ_max (the extreme Ritz values), λ_min / λ_max, each extreme's residual bound, the
+    λ_min, λ_max (the extreme Ritz values), λ_min / λ_max, L(w), each extreme's residual bound, the
     spectral density (the Ritz values as nodes and their weights), the steps taken, and whether
     λ_min is a negative outlier: settled (residual bound < 5 % of |λ_min|) and standing apart from
     the next Ritz value by more than half its size (θ_2 - θ_1 > |θ_1| / 2)."""
@@ -126,12 +126,18 @@ def hessian_extremes(model, criterion, x, y, k=30, seed=0, batch_size=250, tol=N
         P = sum(q.numel() for q in model.parameters() if q.requires_grad)
         v0 = torch.randn(P, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
         theta, tau, res = lanczos(lambda v: hvp(model, criterion, x, y, v, batch_size), v0, k, tol)
+        # L(w) itself: the CE Hessian shrinks as the softmax saturates, so a small spectrum can mean
+        # no more than images fit to near-zero loss; compare λ between models beside L
+        with torch.no_grad():
+            L = sum(criterion(model(sm.normalize(x[i:i + batch_size].to(p.device)).to(p.dtype)),
+                              y[i:i + batch_size].to(p.device)).sum().item()
+                    for i in range(0, len(y), batch_size)) / len(y)
     finally:
         model.train(was_training)
     lam_min, lam_max = theta[0].item(), theta[-1].item()
     settled = res[0].item() < 0.05 * abs(lam_min)
     apart = len(theta) > 1 and theta[1].item() - lam_min > abs(lam_min) / 2
-    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio": lam_min / lam_max,
+    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio": lam_min / lam_max, "loss": L,
             "residual_min": res[0].item(), "residual_max": res[-1].item(), "steps": len(theta),
             "outlier": bool(lam_min < 0 and settled and apart),
             "nodes": theta.tolist(), "weights": tau.tolist()}

@@ -893,6 +893,8 @@ def test_hessian_extremes_are_the_extreme_eigenvalues_of_the_exact_hessian(saddl
     assert r["lambda_min"] == pytest.approx(lo, rel=1e-10)
     assert r["lambda_max"] == pytest.approx(hi, rel=1e-10)
     assert r["ratio"] == pytest.approx(lo / hi, rel=1e-10)
+    with torch.no_grad():  # L(w) over the same images, in one batch
+        assert r["loss"] == pytest.approx(F.cross_entropy(model(sm.normalize(x).double()), y).item(), rel=1e-12)
 
 
 def test_hessian_extremes_of_a_model_in_train_mode_use_eval_mode_and_leave_the_model_as_found(saddle):
