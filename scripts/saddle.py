@@ -274,23 +274,26 @@ CLAIMS = [("SAM leaves the tail near a saddle: SAM's tail ratio below SGD's", "s
           ("ImbSAM takes the tail away from it: ImbSAM's tail ratio above SAM's", "imbsam", "sam", "tail", 1),
           ("SSE-SAM escapes on the tail: its tail ratio above SAM's", "ssesam", "sam", "tail", 1),
           ("SSE-SAM escapes on the head too: its head ratio above ImbSAM's", "ssesam", "imbsam", "head", 1)]
-SHOWN = (("lambda_min", 3), ("lambda_max", 1), ("ratio", 4))  # each number's decimals
+# each number and its decimals: L(w), the group's mean training loss, beside its Hessian, since the CE
+# Hessian shrinks as the loss goes to 0 (a flat group may only be a group fit to near-zero loss)
+SHOWN = (("loss", 4), ("lambda_min", 3), ("lambda_max", 1), ("ratio", 4))
 
 
 def tables(report):
     """The markdown blocks a reader gets of a saddle.json: per row the mean ± sample std over its
-    seeds, each seed's numbers (once a row has two), and which of the paper's claims the ratios,
+    seeds of each group's L(w), λ_min, λ_max and ratio ("--" where a run has no such number), each
+    seed's numbers (once a row has two), and which of the paper's claims the ratios,
     paired seed by seed, support (results_table.evidence's rule)."""
     def cells(runs):
-        return " | ".join("--" if not runs[0].get(g) else mean_std([r[g][k] for r in runs], d)
-                          for g in ("head", "tail") for k, d in SHOWN)
+        return " | ".join("--" if not all(r.get(g) and k in r[g] for r in runs)  # no images; no loss recorded
+                          else mean_std([r[g][k] for r in runs], d) for g in ("head", "tail") for k, d in SHOWN)
 
     rows = {}
     for name, r in report["runs"].items():
         seed = re.search(r"-seed(\d+)", name)  # a folder named otherwise: a row of its own, seed 0
         rows.setdefault(row_of(name), {})[int(seed.group(1)) if seed else 0] = r
-    top = " | ".join(f"{g} {k}" for g in ("head", "tail") for k in ("λ_min", "λ_max", "ratio"))
-    mean, each = [f"| row | seeds | {top} |", "|---" * 8 + "|"], [f"| row | seed | {top} |", "|---" * 8 + "|"]
+    top = " | ".join(f"{g} {k}" for g in ("head", "tail") for k in ("L", "λ_min", "λ_max", "ratio"))
+    mean, each = [f"| row | seeds | {top} |", "|---" * 10 + "|"], [f"| row | seed | {top} |", "|---" * 10 + "|"]
     for n in in_table_order(rows):
         opt, _, rest = n.partition("-")
         label = NAMES.get(opt, opt) + (f" ({rest})" if rest else "")

@@ -1039,19 +1039,23 @@ def test_saddle_adds_runs_to_its_json_one_at_a_time_and_refuses_other_settings(t
 
 
 def test_saddle_tables_give_mean_and_std_each_seed_and_weigh_the_papers_claims_by_paired_ratios(saddle):
-    def run(head, tail):  # ratios; λ_max 100
-        return {g: None if r is None else {"lambda_min": 100 * r, "lambda_max": 100.0, "ratio": r}
+    def run(head, tail, loss=None):  # ratios; λ_max 100; L(w) where given
+        return {g: None if r is None else {"lambda_min": 100 * r, "lambda_max": 100.0, "ratio": r,
+                                           **({} if loss is None else {"loss": loss})}
                 for g, r in (("head", head), ("tail", tail))}
     tails = {"sgd": (-0.005, -0.006, -0.004), "sam": (-0.012, -0.011, -0.013), "imbsam": (-0.010, -0.014, -0.009),
              "ssesam": (-0.018, -0.015, -0.017)}
-    runs = {f"{opt}-seed{k}": run(-0.01, t) for opt, ts in tails.items() for k, t in enumerate(ts)}
+    runs = {f"{opt}-seed{k}": run(-0.01, t, loss=0.01 * (k + 1)) for opt, ts in tails.items() for k, t in enumerate(ts)}
     runs["sgd-seed0-fp32"] = run(None, -0.007)  # a control: its own row; a group without images: --
+    runs["sam-seed2"] = run(-0.01, -0.013)  # made before L(w) was recorded: -- for the row's mean L
     mean, each, reading = saddle.tables({"runs": runs})
     assert mean.splitlines()[2:4] == [
-        "| SGD | 3 | -1.000 ± 0.000 | 100.0 ± 0.0 | -0.0100 ± 0.0000 | -0.500 ± 0.100 | 100.0 ± 0.0 | -0.0050 ± 0.0010 |",
-        "| SGD (fp32) | 1 | -- | -- | -- | -0.700 | 100.0 | -0.0070 |"]
+        "| SGD | 3 | 0.0200 ± 0.0100 | -1.000 ± 0.000 | 100.0 ± 0.0 | -0.0100 ± 0.0000 "
+        "| 0.0200 ± 0.0100 | -0.500 ± 0.100 | 100.0 ± 0.0 | -0.0050 ± 0.0010 |",
+        "| SGD (fp32) | 1 | -- | -- | -- | -- | -- | -0.700 | 100.0 | -0.0070 |"]
+    assert mean.splitlines()[4].startswith("| SAM | 3 | -- | -1.000 ± 0.000 |")
     assert mean.splitlines()[-1].startswith("| SSE-SAM | 3 |") and len(mean.splitlines()) == 7
-    assert "| ImbSAM | 1 | -1.000 | 100.0 | -0.0100 | -1.400 | 100.0 | -0.0140 |" in each.splitlines()
+    assert "| ImbSAM | 1 | 0.0200 | -1.000 | 100.0 | -0.0100 | 0.0200 | -1.400 | 100.0 | -0.0140 |" in each.splitlines()
     lines = reading.splitlines()
     # SAM - SGD: -0.007, -0.005, -0.009, one sign, |mean| over twice the std: the claim's sign
     assert lines[0] == ("- SAM leaves the tail near a saddle: SAM's tail ratio below SGD's. SAM − SGD, tail ratio "
@@ -1064,7 +1068,7 @@ def test_saddle_tables_give_mean_and_std_each_seed_and_weigh_the_papers_claims_b
                         "seed with a mean over twice its std: leaves it open.")  # no difference at all
     table, one = saddle.tables({"runs": {"sam-seed0": run(-0.01, -0.012), "sgd-seed0": run(-0.01, -0.005),
                                          "mine": run(-0.02, -0.02)}})  # a folder named without a seed
-    assert table.splitlines()[-1] == "| mine | 1 | -2.000 | 100.0 | -0.0200 | -2.000 | 100.0 | -0.0200 |"
+    assert table.splitlines()[-1] == "| mine | 1 | -- | -2.000 | 100.0 | -0.0200 | -- | -2.000 | 100.0 | -0.0200 |"
     assert one.endswith("SAM − SGD, tail ratio -0.0070 (seed 0): one seed, no spread: leaves it open.")
 
 
