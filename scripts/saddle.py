@@ -285,8 +285,9 @@ def tables(report):
     seed's numbers (once a row has two), and which of the paper's claims the ratios,
     paired seed by seed, support (results_table.evidence's rule)."""
     def cells(runs):
-        return " | ".join("--" if not all(r.get(g) and k in r[g] for r in runs)  # no images; no loss recorded
-                          else mean_std([r[g][k] for r in runs], d) for g in ("head", "tail") for k, d in SHOWN)
+        return " | ".join("--" if not runs[0].get(g) or k == "loss" and any("loss" not in r[g] for r in runs)
+                          else mean_std([r[g][k] for r in runs], d)  # --: no images; L not yet recorded
+                          for g in ("head", "tail") for k, d in SHOWN)
 
     rows = {}
     for name, r in report["runs"].items():
