@@ -274,27 +274,28 @@ CLAIMS = [("SAM leaves the tail near a saddle: SAM's tail ratio below SGD's", "s
           ("ImbSAM takes the tail away from it: ImbSAM's tail ratio above SAM's", "imbsam", "sam", "tail", 1),
           ("SSE-SAM escapes on the tail: its tail ratio above SAM's", "ssesam", "sam", "tail", 1),
           ("SSE-SAM escapes on the head too: its head ratio above ImbSAM's", "ssesam", "imbsam", "head", 1)]
-# each number and its decimals: L(w), the group's mean training loss, beside its Hessian, since the CE
-# Hessian shrinks as the loss goes to 0 (a flat group may only be a group fit to near-zero loss)
-SHOWN = (("loss", 4), ("lambda_min", 3), ("lambda_max", 1), ("ratio", 4))
+# each number, its column and its decimals: L(w), the group's mean training loss, beside its Hessian,
+# since the CE Hessian shrinks as the loss goes to 0 (a flat group may only be a group fit to near-zero loss)
+SHOWN = (("loss", "L", 4), ("lambda_min", "λ_min", 3), ("lambda_max", "λ_max", 1), ("ratio", "ratio", 4))
 
 
 def tables(report):
     """The markdown blocks a reader gets of a saddle.json: per row the mean ± sample std over its
-    seeds of each group's L(w), λ_min, λ_max and ratio ("--" where a run has no such number), each
-    seed's numbers (once a row has two), and which of the paper's claims the ratios,
-    paired seed by seed, support (results_table.evidence's rule)."""
+    seeds of each group's L(w), λ_min, λ_max and ratio ("--" for a group without images, and for
+    L where a run predates it), each seed's numbers (once a row has two), and which of the paper's
+    claims the ratios, paired seed by seed, support (results_table.evidence's rule)."""
     def cells(runs):
         return " | ".join("--" if not runs[0].get(g) or k == "loss" and any("loss" not in r[g] for r in runs)
                           else mean_std([r[g][k] for r in runs], d)  # --: no images; L not yet recorded
-                          for g in ("head", "tail") for k, d in SHOWN)
+                          for g in ("head", "tail") for k, _, d in SHOWN)
 
     rows = {}
     for name, r in report["runs"].items():
         seed = re.search(r"-seed(\d+)", name)  # a folder named otherwise: a row of its own, seed 0
         rows.setdefault(row_of(name), {})[int(seed.group(1)) if seed else 0] = r
-    top = " | ".join(f"{g} {k}" for g in ("head", "tail") for k in ("L", "λ_min", "λ_max", "ratio"))
-    mean, each = [f"| row | seeds | {top} |", "|---" * 10 + "|"], [f"| row | seed | {top} |", "|---" * 10 + "|"]
+    top = " | ".join(f"{g} {column}" for g in ("head", "tail") for _, column, _ in SHOWN)
+    rule = "|---" * (2 + 2 * len(SHOWN)) + "|"
+    mean, each = [f"| row | seeds | {top} |", rule], [f"| row | seed | {top} |", rule]
     for n in in_table_order(rows):
         opt, _, rest = n.partition("-")
         label = NAMES.get(opt, opt) + (f" ({rest})" if rest else "")
