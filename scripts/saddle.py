@@ -239,7 +239,7 @@ def draw(runs, path):
 
     rows = {}
     for name, r in runs.items():
-        rows.setdefault(row_of(name), []).append(r)
+        rows.setdefault(row_and_seed(name)[0], []).append(r)
     names = in_table_order(rows)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), constrained_layout=True)
     for ax, key, title in zip(axes, ("ratio", "lambda_min", "lambda_max"),
@@ -263,9 +263,11 @@ def draw(runs, path):
     save_png(fig, path)
 
 
-def row_of(name):
-    """A run's row: its folder name without the seed, so that a control keeps its suffix."""
-    return re.sub(r"-seed\d+", "", name)
+def row_and_seed(name):
+    """A run's row, its folder name without the seed (so that a control keeps its suffix), and its
+    seed; a folder named otherwise is a row of its own, seed 0."""
+    m = re.search(r"-seed(\d+)", name)
+    return (name[:m.start()] + name[m.end():], int(m.group(1))) if m else (name, 0)
 
 
 # The paper's saddle claims, each read as a paired difference of λ_min / λ_max over the seeds two
@@ -291,8 +293,8 @@ def tables(report):
 
     rows = {}
     for name, r in report["runs"].items():
-        seed = re.search(r"-seed(\d+)", name)  # a folder named otherwise: a row of its own, seed 0
-        rows.setdefault(row_of(name), {})[int(seed.group(1)) if seed else 0] = r
+        row, seed = row_and_seed(name)
+        rows.setdefault(row, {})[seed] = r
     top = " | ".join(f"{g} {column}" for g in ("head", "tail") for _, column, _ in SHOWN)
     rule = "|---" * (2 + 2 * len(SHOWN)) + "|"
     mean, each = [f"| row | seeds | {top} |", rule], [f"| row | seed | {top} |", rule]
