@@ -35,8 +35,8 @@ KEYS = ("many", "med", "few", "avg")
 PAPER_ORDER = ("ssesam", "imbsam", "sam", "sgd")  # the paper's Avg, best first
 PAIRS = [("sam", "sgd"), ("imbsam", "sgd"), ("ssesam", "sgd"), ("ssesam", "sam"), ("ssesam", "imbsam"),
          ("imbsam", "sam")]
-# settings that say where a run ran or how often it reported, not what it computed (the seed is
-# what tells two runs of one row apart)
+# settings that say where a run ran or how often it reported, not what it computed: the seed (what
+# tells two runs of one row apart) and ssesam_minimal.RUN_ONLY (a test keeps the two in step)
 NOT_PROTOCOL = {"seed", "data_dir", "gpu", "device", "print_freq", "test_batch_size", "out", "save_every",
                 "resume"}
 
