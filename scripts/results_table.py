@@ -26,6 +26,9 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import ssesam_minimal as sm  # noqa: E402
+
 ROWS = [("sgd", "CE (SGD)"), ("sam", "+SAM"), ("imbsam", "+ImbSAM"), ("ssesam", "+SSE-SAM")]
 OPTS = tuple(opt for opt, _ in ROWS)
 NAMES = {"sgd": "SGD", "sam": "SAM", "imbsam": "ImbSAM", "ssesam": "SSE-SAM"}
@@ -35,10 +38,9 @@ KEYS = ("many", "med", "few", "avg")
 PAPER_ORDER = ("ssesam", "imbsam", "sam", "sgd")  # the paper's Avg, best first
 PAIRS = [("sam", "sgd"), ("imbsam", "sgd"), ("ssesam", "sgd"), ("ssesam", "sam"), ("ssesam", "imbsam"),
          ("imbsam", "sam")]
-# settings that say where a run ran or how often it reported, not what it computed: the seed (what
-# tells two runs of one row apart) and ssesam_minimal.RUN_ONLY (a test keeps the two in step)
-NOT_PROTOCOL = {"seed", "data_dir", "gpu", "device", "print_freq", "test_batch_size", "out", "save_every",
-                "resume"}
+# settings that say where a run ran or how often it reported, not what it computed: those --resume
+# lets change, and the seed (what tells two runs of one row apart)
+NOT_PROTOCOL = {"seed", *sm.RUN_ONLY}
 
 
 def table_order(opt):
